@@ -1,0 +1,106 @@
+"""Command line: `dapo train`, `dapo eval`. Options are generated from DAPOConfig's fields."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING, fields
+from typing import Any, get_args, get_origin, get_type_hints
+
+from dapo.config import DAPOConfig
+from dapo.errors import DapoError
+
+GROUP_TITLES = {"model": "model", "data": "prompts and rewards", "rollout": "rollout and dynamic sampling",
+                "loss": "reward shaping, advantages and loss", "optim": "optimisation",
+                "output": "evaluation, logging and output"}
+
+
+def _default(f: Any) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --option per config field; values stay None unless given, so YAML values survive."""
+    hints = get_type_hints(DAPOConfig)
+    groups = {k: parser.add_argument_group(v) for k, v in GROUP_TITLES.items()}
+    for f in fields(DAPOConfig):
+        hint = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {_default(f)})"
+        group = groups[f.metadata["group"]]
+        if hint is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif get_origin(hint) is list:
+            group.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="VALUE", help=help_text)
+        else:
+            choices = [a for a in get_args(hint) if isinstance(a, str)] if "Literal" in str(hint) else None
+            group.add_argument(flag, dest=f.name, default=None, choices=choices or None, metavar=None if choices else
+                               f.name.upper(), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> DAPOConfig:
+    overrides = {f.name: getattr(args, f.name) for f in fields(DAPOConfig) if getattr(args, f.name) is not None}
+    if args.config:
+        return DAPOConfig.from_yaml(args.config, **overrides)
+    return DAPOConfig.from_dict(overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dapo", description="Fine-tune language models with DAPO.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train a model", description="Train with DAPO. Without options: the "
+                             "seed's digit example on the embedded SmolLM2-135M-Instruct.")
+    p_train.add_argument("--config", help="YAML file of config fields; command-line options override it")
+    p_train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    add_config_arguments(p_train)
+    p_eval = sub.add_parser("eval", help="evaluate a model or run directory")
+    p_eval.add_argument("--config", help="YAML file of config fields")
+    p_eval.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    add_config_arguments(p_eval)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    from dapo.trainer import Run
+
+    run = Run(config)
+    result = run.train()
+    name = "share of answers that are exactly \"5\"" if config.task == "digit" and config.data is None else "accuracy"
+    k = config.eval_samples
+    if result.eval_before:
+        print(f"-- Evaluation ({k} samples at temperature {config.eval_temperature}): {name} "
+              f"{result.eval_before[f'avg@{k}']:.3f} before training, {result.eval_after[f'avg@{k}']:.3f} after")
+    print(f"-- Done in {result.seconds:.1f} s. Checkpoint: {result.checkpoint}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    from dapo.trainer import Run
+
+    run = Run(config)
+    scores = run.evaluate()
+    for key, value in scores.items():
+        print(f"{key:>20}  {value:.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+    except DapoError as e:
+        if args.debug:
+            raise
+        print(f"dapo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dapo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

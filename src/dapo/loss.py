@@ -1,0 +1,138 @@
+"""Stage: loss. The DAPO policy-gradient objective as pure tensor functions (paper Eq. 8).
+
+All tensors are [batch, response_len] with an explicit `response_mask` (1 for a token that
+counts, 0 for padding or a filtered response). Masked positions may hold any finite or
+non-finite value: they are zeroed with `torch.where` before any reduction, never multiplied.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def aggregate_loss(
+    token_loss: torch.Tensor,
+    response_mask: torch.Tensor,
+    agg: LossAgg = "token-mean",
+    *,
+    num_tokens: float | torch.Tensor | None = None,
+    num_seqs: float | torch.Tensor | None = None,
+    norm_len: int | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss [B, L] to a scalar.
+
+    - "token-mean" (DAPO Eq. 8 token-level loss): sum of all valid token losses divided by the
+      number of valid tokens in the mini-batch, so long responses weigh in proportion to length.
+    - "seq-mean-token-mean" (GRPO): mean over tokens within each response, then mean over
+      responses that have at least one valid token.
+    - "seq-mean-token-sum-norm" (Dr. GRPO): per-response token sum divided by a constant length
+      `norm_len` (default L, the tensor's response length), then mean over responses.
+
+    `num_tokens` / `num_seqs` are the denominators of the whole mini-batch. Pass them when this
+    call sees only a micro-batch (or one data-parallel shard): the micro-batch losses then sum
+    exactly to the mini-batch loss, so the gradient does not depend on how the batch was split.
+    When omitted they are counted from this call's mask.
+    """
+    mask = response_mask.bool()
+    loss = _masked(token_loss, mask)
+    if agg == "token-mean":
+        denom = mask.sum() if num_tokens is None else num_tokens
+        return loss.sum() / torch.clamp(torch.as_tensor(denom, dtype=loss.dtype), min=1.0)
+    valid_seq = mask.any(dim=-1)
+    seqs = valid_seq.sum() if num_seqs is None else num_seqs
+    seqs = torch.clamp(torch.as_tensor(seqs, dtype=loss.dtype), min=1.0)
+    if agg == "seq-mean-token-mean":
+        per_seq = loss.sum(dim=-1) / torch.clamp(mask.sum(dim=-1), min=1)
+        return per_seq.sum() / seqs
+    if agg == "seq-mean-token-sum-norm":
+        length = token_loss.shape[-1] if norm_len is None else norm_len
+        return loss.sum() / length / seqs
+    raise ValueError(f"unknown loss aggregation {agg!r}; use token-mean, seq-mean-token-mean or seq-mean-token-sum-norm")
+
+
+def kl_k3(log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi_theta || pi_ref): exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    delta = ref_log_prob - log_prob
+    return torch.exp(delta) - delta - 1.0
+
+
+def _kl_to_ref(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # Mask the difference before exp(): a NaN at a masked position would otherwise reach the
+    # gradient as 0 * NaN.
+    delta = _masked(ref_log_prob - log_prob, mask)
+    return torch.exp(delta) - delta - 1.0
+
+
+def policy_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    clip_ratio_c: float | None = None,
+    agg: LossAgg = "token-mean",
+    *,
+    ref_log_prob: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    num_tokens: float | torch.Tensor | None = None,
+    num_seqs: float | torch.Tensor | None = None,
+    norm_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy-gradient loss with decoupled clip ranges, DAPO Eq. 8 (negated, to minimise).
+
+    Per token t of response i:  r = exp(log_prob - old_log_prob),
+        objective_{i,t} = min(r * A_i, clip(r, 1 - eps_low, 1 + eps_high) * A_i)
+    and the loss is -aggregate(objective) (see `aggregate_loss`). With `clip_ratio_c` (dual clip,
+    Ye et al. 2020) the objective of a negative-advantage token is additionally floored at
+    clip_ratio_c * A_i, bounding the update from a very large ratio. With `kl_coef` > 0 a k3 KL
+    penalty to `ref_log_prob` is added per token (the paper uses none).
+
+    Args:
+        log_prob, old_log_prob, response_mask: [B, L]
+        advantages: [B, L] per token, or [B] per response (broadcast over tokens).
+    Returns:
+        (loss, metrics). `loss` is a scalar to minimise. `metrics` holds detached scalars:
+        clip_frac_low / clip_frac_high (share of valid tokens whose ratio was clipped from below /
+        above in a way that zeroed its gradient), approx_kl (k3 estimate of KL(old || new)) and,
+        when used, kl_ref.
+    """
+    mask = response_mask.bool()
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(log_prob)
+    # Masked positions may hold garbage (inf, nan): neutralise them before exp() so no NaN
+    # can leak into the gradient through 0 * inf.
+    log_ratio = _masked(log_prob - old_log_prob, mask)
+    advantages = _masked(advantages, mask)
+    ratio = torch.exp(log_ratio)
+    surr1 = ratio * advantages
+    surr2 = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
+    objective = torch.minimum(surr1, surr2)
+    if clip_ratio_c is not None:
+        dual = torch.maximum(objective, clip_ratio_c * advantages)
+        objective = torch.where(advantages < 0, dual, objective)
+    token_loss = -objective
+    if ref_log_prob is not None and kl_coef > 0:
+        token_loss = token_loss + kl_coef * _kl_to_ref(log_prob, ref_log_prob, mask)
+    loss = aggregate_loss(token_loss, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=norm_len)
+
+    with torch.no_grad():
+        n = torch.clamp(mask.sum(), min=1)
+        low = (ratio < 1.0 - eps_low) & (advantages < 0) & mask
+        high = (ratio > 1.0 + eps_high) & (advantages > 0) & mask
+        metrics = {
+            "clip_frac_low": low.sum() / n,
+            "clip_frac_high": high.sum() / n,
+            "approx_kl": _masked(torch.exp(-log_ratio) + log_ratio - 1.0, mask).sum() / n,
+        }
+        if ref_log_prob is not None and kl_coef > 0:
+            metrics["kl_ref"] = _kl_to_ref(log_prob, ref_log_prob, mask).sum() / n
+    return loss, metrics

@@ -1,0 +1,344 @@
+"""The DAPO training recipe, top to bottom (paper Algorithm 1):
+
+    for each train step:
+        repeat (at most max_num_gen_batches rounds):             # dynamic sampling
+            draw gen_batch_size prompts, sample G responses each  # rollout.py
+            score them; add the overlong penalty                  # rewards.py
+            keep the groups whose task rewards differ             # sampling.py
+        until train_batch_size groups are ready
+        compute group-relative advantages                         # advantages.py
+        for mu passes, for each mini-batch: one optimizer step    # loss.py, logprobs.py
+        log metrics, save checkpoints                             # metrics.py, checkpoint.py
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dapo.advantages import group_advantages
+from dapo.checkpoint import save_checkpoint
+from dapo.config import DAPOConfig
+from dapo.data import PromptSampler, Record, encode_prompt
+from dapo.errors import DynamicSamplingExhausted
+from dapo.evaluate import evaluate
+from dapo.logprobs import pack, pad_stack, plan_micro_batches, split_by_response, token_logprobs
+from dapo.loss import policy_loss
+from dapo.metrics import MetricsLogger
+from dapo.models import load_model, load_tokenizer, pick_device
+from dapo.rewards import RewardFunction, combine, overlong_penalty, score_completions
+from dapo.rollout import Group, generate
+from dapo.sampling import DynamicSamplingBuffer, informative_groups
+from dapo.tasks import Task, get_task
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    eval_before: dict[str, float]
+    eval_after: dict[str, float]
+    metrics: list[dict[str, Any]]
+    seconds: float
+
+
+class Run:
+    """Everything a training run holds: model, data, rewards, optimiser, counters."""
+
+    def __init__(self, config: DAPOConfig, task: Task | None = None, reward_fns: list[RewardFunction] | None = None,
+                 model: torch.nn.Module | None = None, tokenizer: Any = None) -> None:
+        self.config = c = config
+        seed_everything(c.seed)
+        torch.set_num_threads(c.threads or os.cpu_count() or 1)
+        self.device = pick_device(c.device)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(c.model)
+        self.model = (model if model is not None else load_model(c.model, c.dtype, self.device)).to(self.device)
+        self.model.train()
+        self.ref_model = None
+        if c.kl_coef > 0:
+            self.ref_model = load_model(c.model, c.dtype, self.device).eval().requires_grad_(False)
+        self.task = task if task is not None else get_task(c.task)
+        self.reward_fns = reward_fns if reward_fns is not None else [
+            RewardFunction(name, fn, w) for (name, fn), w in
+            zip(self.task.rewards.items(), c.reward_weights or [1.0] * len(self.task.rewards))]
+        self.sampler = PromptSampler(self.task.train, seed=c.seed)
+        self.buffer: DynamicSamplingBuffer[Group] = DynamicSamplingBuffer(c.train_batch_size)
+        self.eos_ids = {self.tokenizer.eos_token_id}
+        self.pad_id = self.tokenizer.pad_token_id
+        # fused AdamW is 4x faster than the per-tensor loop on CPU (0.08 s vs 0.36 s a step for 135M).
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=tuple(c.adam_betas),
+                                           weight_decay=c.weight_decay, fused=True)
+        total = c.train_steps * c.grad_steps_per_train_step
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=lr_lambda(c, total))
+        self.step = 0
+        self.optimizer_steps = 0
+        self.run_dir = Path(c.output_dir or f"runs/{c.task if c.data is None else 'data'}-"
+                            f"{datetime.now():%Y%m%d-%H%M%S}")
+        self._prompt_cache: dict[int, list[int]] = {}
+
+    def say(self, line: str) -> None:
+        if self.config.verbose:
+            print(line, flush=True)
+
+    # --- rollouts, rewards, dynamic sampling --------------------------------------------------
+    def prompt_ids(self, record: Record) -> list[int]:
+        key = id(record)
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = encode_prompt(self.tokenizer, record["prompt"], self.config.system_prompt,
+                                                    self.config.max_prompt_len)
+        return self._prompt_cache[key]
+
+    def rollout(self, records: list[Record]) -> list[Group]:
+        c = self.config
+        prompts = [self.prompt_ids(r) for r in records]
+        self.model.eval()
+        outs = generate(self.model, prompts, c.group_size, c.max_new_tokens, self.eos_ids, self.pad_id,
+                        c.temperature, c.top_p, shared_prompt=c.shared_prompt)
+        self.model.train()
+        groups = []
+        for record, ids, (responses, truncated) in zip(records, prompts, outs):
+            g = Group(record, ids, responses, truncated)
+            g.completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+            groups.append(g)
+        return groups
+
+    def score(self, groups: list[Group]) -> None:
+        """Task reward from the reward functions, plus the overlong penalty (Eq. 13)."""
+        c = self.config
+        for g in groups:
+            columns = {k: [v] * len(g.completions) for k, v in g.record.items() if k != "prompt"}
+            g.scores = score_completions(self.reward_fns, [g.record["prompt"]] * len(g.completions),
+                                         g.completions, columns)
+            g.task_reward = combine(g.scores, [rf.weight for rf in self.reward_fns])
+            g.reward = g.task_reward + overlong_penalty(g.lengths, c.max_new_tokens, c.overlong_buffer_len,
+                                                        c.overlong_penalty_factor)
+
+    def collect_batch(self) -> tuple[list[Group], dict[str, float]]:
+        """Algorithm 1's inner loop: generate until train_batch_size informative groups are ready."""
+        c = self.config
+        stats = {"gen_rounds": 0, "groups_kept": 0, "groups_dropped_all_same": 0, "groups_dropped_all_max": 0,
+                 "groups_dropped_all_min": 0, "groups_carried_over": len(self.buffer.groups), "gen_tokens": 0}
+        reward_sum, correct, count, lengths, truncated = 0.0, 0.0, 0, [], 0
+        gen_seconds = 0.0
+        while not self.buffer.full:
+            if c.max_num_gen_batches and stats["gen_rounds"] >= c.max_num_gen_batches:
+                raise DynamicSamplingExhausted(
+                    f"dynamic sampling found only {len(self.buffer.groups)} of {c.train_batch_size} groups with "
+                    f"differing rewards in max_num_gen_batches={c.max_num_gen_batches} generation rounds at train "
+                    f"step {self.step + 1}: every group got equal rewards. Raise max_num_gen_batches or group_size, "
+                    f"or use prompts the model sometimes solves.")
+            stats["gen_rounds"] += 1
+            self.say("-- Generating rollouts")
+            t0 = time.perf_counter()
+            groups = self.rollout(self.sampler.next(c.gen_batch_size))
+            gen_seconds += time.perf_counter() - t0
+            self.score(groups)
+            task_rewards = torch.stack([g.task_reward for g in groups])
+            keep = informative_groups(task_rewards) if c.dynamic_sampling else torch.ones(len(groups), dtype=torch.bool)
+            for g, k in zip(groups, keep.tolist()):
+                for text, r in zip(g.completions, g.reward.tolist()):
+                    self.say(f"Reward: {r:.3f}; Response: {_one_line(text)}")
+                reward_sum += float(g.reward.sum())
+                count += len(g.completions)
+                lengths.extend(g.lengths.tolist())
+                truncated += sum(g.truncated)
+                stats["gen_tokens"] += int(g.lengths.sum())
+                if self.task.accuracy is not None:
+                    correct += sum(self.task.accuracy(prompts=[g.record["prompt"]] * len(g.completions),
+                                                      completions=g.completions))
+                if k:
+                    stats["groups_kept"] += 1
+                    self.buffer.add([g])
+                else:
+                    stats["groups_dropped_all_same"] += 1
+                    hi = float(g.task_reward.max())
+                    stats["groups_dropped_all_max" if hi > 0 else "groups_dropped_all_min"] += 1
+                    self.say("Sampled group would give no learning signal; resampling...")
+        batch = self.buffer.take()
+        for g in batch:
+            g.advantages = group_advantages(g.reward[None], normalize_std=c.normalize_std)[0]
+        stats.update({
+            "reward_mean": reward_sum / max(count, 1),
+            "batch_reward_mean": float(torch.cat([g.reward for g in batch]).mean()),
+            "response_length_mean": float(np.mean(lengths)) if lengths else 0.0,
+            "response_length_max": float(max(lengths)) if lengths else 0.0,
+            "truncated_share": truncated / max(count, 1),
+            "prompts_consumed": self.sampler.prompts_consumed,
+            "data_epoch": self.sampler.epoch,
+            "gen_seconds": gen_seconds,
+            "gen_tokens_per_second": stats["gen_tokens"] / max(gen_seconds, 1e-9),
+        })
+        if self.task.accuracy is not None:
+            stats["accuracy"] = correct / max(count, 1)
+        return batch, stats
+
+    # --- policy update --------------------------------------------------------------------
+    def micro_batches(self, groups: list[Group], group_ids: list[int]) -> list[Any]:
+        c = self.config
+        return [pack(mb, self.pad_id) for mb in
+                plan_micro_batches(groups, c.max_tokens_per_micro_batch, c.shared_prompt, group_ids,
+                                   skip=self._filtered(groups))]
+
+    def _filtered(self, groups: list[Group]) -> set[tuple[int, int]]:
+        """Responses masked out of the loss by overlong filtering."""
+        if not self.config.overlong_filter:
+            return set()
+        return {(gi, ri) for gi, g in enumerate(groups) for ri, t in enumerate(g.truncated) if t}
+
+    @torch.no_grad()
+    def _logprobs_no_grad(self, model: torch.nn.Module, groups: list[Group], ids: list[int]) -> dict[tuple[int, int], torch.Tensor]:
+        out = {}
+        for packed in self.micro_batches(groups, ids):
+            lp, _ = token_logprobs(model, packed, self.config.temperature)
+            for (gi, ri, _), t in zip(packed.owner, split_by_response(lp, packed.owner)):
+                out[(gi, ri)] = t
+        return out
+
+    def update(self, groups: list[Group]) -> dict[str, float]:
+        """mu passes over the batch; one optimizer step per mini-batch (paper Algorithm 1, lines 9-11)."""
+        c = self.config
+        mb = c.groups_per_mini_batch
+        mini_batches = [list(range(i, min(i + mb, len(groups)))) for i in range(0, len(groups), mb)]
+        # Old-policy log-probs, needed from the second optimizer step on. The first mini-batch of
+        # the first pass runs before any update, so its own forward gives them exactly (ratio 1).
+        old = {}
+        for ids in mini_batches[1:]:
+            old.update(self._logprobs_no_grad(self.model, groups, ids))
+        ref = self._logprobs_no_grad(self.ref_model, groups, list(range(len(groups)))) if self.ref_model else {}
+        filtered = self._filtered(groups)
+        sums: dict[str, float] = {}
+        tokens_trained = 0
+        for epoch in range(c.mu):
+            for mbi, ids in enumerate(mini_batches):
+                first = epoch == 0 and mbi == 0
+                kept = [(gi, ri) for gi in ids for ri in range(len(groups[gi].response_ids))
+                        if (gi, ri) not in filtered and groups[gi].response_ids[ri]]
+                num_tokens = sum(len(groups[gi].response_ids[ri]) for gi, ri in kept)
+                objective, entropy_sum, metric_sums = 0.0, 0.0, {}
+                for packed in self.micro_batches(groups, ids):
+                    lp, ent = token_logprobs(self.model, packed, c.temperature, with_entropy=epoch == 0)
+                    per_resp = split_by_response(lp, packed.owner)
+                    if first:
+                        for (gi, ri, _), t in zip(packed.owner, per_resp):
+                            old[(gi, ri)] = t.detach()
+                    keys = [(gi, ri) for gi, ri, _ in packed.owner]
+                    loss, m = policy_loss(
+                        pad_stack(per_resp),
+                        pad_stack([old[k] for k in keys]),
+                        torch.stack([groups[gi].advantages[ri] for gi, ri in keys]).to(lp.device),
+                        pad_stack([torch.ones_like(t) for t in per_resp]),
+                        c.eps_low, c.eps_high, c.clip_ratio_c, c.loss_agg,
+                        ref_log_prob=pad_stack([ref[k] for k in keys]) if ref else None,
+                        kl_coef=c.kl_coef, num_tokens=num_tokens, num_seqs=len(kept), norm_len=c.max_new_tokens)
+                    loss.backward()
+                    objective -= float(loss.detach())
+                    n_tok = len(lp)
+                    tokens_trained += int(packed.input_ids.numel())
+                    for k, v in m.items():
+                        metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * n_tok
+                    if ent is not None:
+                        entropy_sum += float(ent.sum())
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm or math.inf)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer_steps += 1
+                for k, v in metric_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v / max(num_tokens, 1)
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+                sums["objective"] = sums.get("objective", 0.0) + objective
+                if epoch == 0:
+                    sums["entropy"] = sums.get("entropy", 0.0) + entropy_sum
+                    sums["_entropy_tokens"] = sums.get("_entropy_tokens", 0.0) + num_tokens
+                grad_step = epoch * len(mini_batches) + mbi + 1
+                self.say(f"Grad step {grad_step}/{c.grad_steps_per_train_step} in train step "
+                         f"{self.step + 1}/{c.train_steps} completed. Objective: {objective:.6f}")
+        steps = c.grad_steps_per_train_step
+        out = {k: v / steps for k, v in sums.items() if not k.startswith("_") and k != "entropy"}
+        out["entropy"] = sums.get("entropy", 0.0) / max(sums.get("_entropy_tokens", 1.0), 1.0)
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        out["train_tokens"] = tokens_trained
+        return out
+
+    # --- evaluation and the loop ----------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        c = self.config
+        if self.task.accuracy is None or not self.task.eval:
+            return {}
+        records = self.task.eval[: c.max_eval_prompts or None]
+        return evaluate(self.model, self.tokenizer, records, self.task.accuracy, k=c.eval_samples,
+                        temperature=c.eval_temperature, top_p=c.eval_top_p, max_new_tokens=c.max_new_tokens,
+                        max_prompt_len=c.max_prompt_len, system_prompt=c.system_prompt)
+
+    def train(self) -> TrainResult:
+        c = self.config
+        start = time.perf_counter()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        c.to_yaml(self.run_dir / "config.yaml")
+        logger = MetricsLogger(self.run_dir)
+        before = self.evaluate()
+        history = []
+        while self.step < c.train_steps:
+            t0 = time.perf_counter()
+            batch, stats = self.collect_batch()
+            self.say("-- Training")
+            t1 = time.perf_counter()
+            stats.update(self.update(batch))
+            stats["train_seconds"] = time.perf_counter() - t1
+            stats["train_tokens_per_second"] = stats.pop("train_tokens") / max(stats["train_seconds"], 1e-9)
+            stats["step_seconds"] = time.perf_counter() - t0
+            stats["optimizer_steps"] = self.optimizer_steps
+            self.step += 1
+            if c.eval_every and self.step % c.eval_every == 0 and self.step < c.train_steps:
+                stats.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+            logger.log(self.step, stats)
+            history.append({"step": self.step, **stats})
+            if c.save_every and self.step % c.save_every == 0 and self.step < c.train_steps:
+                self.save()
+        after = self.evaluate()
+        ckpt = self.save()
+        seconds = time.perf_counter() - start
+        return TrainResult(self.run_dir, ckpt, before, after, history, seconds)
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.config,
+                               keep_last=self.config.keep_last)
+
+
+def train(config: DAPOConfig, **kwargs: Any) -> TrainResult:
+    """Train with `config`; keyword arguments (task, reward_fns, model, tokenizer) override the
+    parts the config would build."""
+    return Run(config, **kwargs).train()
+
+
+def lr_lambda(c: DAPOConfig, total_steps: int):
+    def f(step: int) -> float:
+        if c.warmup_steps and step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        if c.lr_schedule == "constant":
+            return 1.0
+        progress = (step - c.warmup_steps) / max(total_steps - c.warmup_steps, 1)
+        progress = min(max(progress, 0.0), 1.0)
+        if c.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return f
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\n", "\\n")

@@ -1,0 +1,59 @@
+import pytest
+
+from dapo import DAPOConfig
+from dapo.cli import build_parser, config_from_args, main
+from dapo.errors import ConfigError
+
+
+def test_defaults_are_the_seed_example():
+    c = DAPOConfig()
+    assert (c.task, c.train_steps, c.grad_steps_per_train_step, c.max_new_tokens) == ("digit", 6, 5, 4)
+    assert (c.eps_low, c.eps_high, c.kl_coef, c.loss_agg) == (0.2, 0.28, 0.0, "token-mean")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"group_size": 1}, "group_size must be >= 2"),
+    ({"eps_low": 1.5}, "eps_low must be < 1"),
+    ({"lr": -1.0}, "lr must be a positive number"),
+    ({"top_p": 0.0}, "top_p must be in"),
+    ({"loss_agg": "mean"}, "loss_agg must be one of"),
+    ({"train_steps": "many"}, "train_steps must be an integer"),
+    ({"overlong_buffer_len": 8, "max_new_tokens": 8}, "overlong_buffer_len (8) must be smaller"),
+    ({"task": "chess"}, "task must be one of"),
+    ({"clip_ratio_c": 0.5}, "clip_ratio_c must be > 1"),
+])
+def test_bad_values_name_the_field(kwargs, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DAPOConfig(**kwargs)
+
+
+def test_unknown_key_suggests_the_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("group_sise: 8\n")
+    with pytest.raises(ConfigError, match="unknown key 'group_sise'.*did you mean 'group_size'"):
+        DAPOConfig.from_yaml(path)
+
+
+def test_yaml_then_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("group_size: 8\nlr: 1.0e-6\neps_high: 0.3\n")
+    args = build_parser().parse_args(["train", "--config", str(path), "--lr", "2e-6", "--no-overlong-filter"])
+    c = config_from_args(args)
+    assert (c.group_size, c.lr, c.eps_high, c.overlong_filter) == (8, 2e-6, 0.3, False)
+
+
+def test_round_trip(tmp_path):
+    c = DAPOConfig(group_size=8, reward=["a.py:f"], reward_weights=[0.5])
+    c.to_yaml(tmp_path / "c.yaml")
+    assert DAPOConfig.from_yaml(tmp_path / "c.yaml") == c
+
+
+def test_cli_reports_bad_value_without_traceback(capsys):
+    assert main(["train", "--eps-high", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "eps_high must be in [0, 10), got -1.0" in err and "Traceback" not in err
+
+
+def test_cli_missing_model_path(capsys, tmp_path):
+    assert main(["train", "--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "run")]) == 2
+    assert "model path" in capsys.readouterr().err
