@@ -114,8 +114,9 @@ def render(runs: Sequence[RunData], out: str | Path) -> Path:
                 xs, ys = points(run, s.key)
                 if not xs:
                     continue
-                ax.plot(xs, ys, s.style, color=colour, linewidth=1.6, marker="o" if few or len(xs) == 1 else None,
-                        markersize=3.5)
+                # Evaluations are sparse: always mark their points, as for short runs.
+                marked = few or len(xs) == 1 or s.key.startswith("eval:")
+                ax.plot(xs, ys, s.style, color=colour, linewidth=1.6, marker="o" if marked else None, markersize=3.5)
                 if s not in drawn:
                     drawn.append(s)
         ax.set_title(panel.title, fontsize=11)

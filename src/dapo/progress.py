@@ -62,7 +62,7 @@ def summary_rows(steps: int, seconds: float, metrics: Sequence[Mapping[str, Any]
         if "accuracy" in last:
             rows.append(("final train accuracy", f"{last['accuracy']:.3f}"))
     for key in eval_before:
-        if key in eval_after:
+        if key in eval_after and key != "num_prompts":  # a count, not a score
             rows.append((f"eval {key}", f"{eval_before[key]:.3f} before -> {eval_after[key]:.3f} after"))
     rows += [("checkpoint", str(checkpoint)), ("run directory", str(run_dir)),
              ("plot", f"dapo plot {run_dir}")]
