@@ -104,8 +104,6 @@ def render(runs: Sequence[RunData], out: str | Path) -> Path:
     FigureCanvasAgg(fig)
     colours = [f"C{i % 10}" for i in range(len(runs))]
     names = unique_names(runs)
-    max_step = max(max((r["step"] for r in run.metrics), default=1) for run in runs)
-    few = max_step <= 30  # short runs: mark each step so a 2-step run is still visible
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, panel in zip(axes, PANELS):
         drawn: list[Series] = []
@@ -114,8 +112,9 @@ def render(runs: Sequence[RunData], out: str | Path) -> Path:
                 xs, ys = points(run, s.key)
                 if not xs:
                     continue
-                # Evaluations are sparse: always mark their points, as for short runs.
-                marked = few or len(xs) == 1 or s.key.startswith("eval:")
+                # Mark the points of short series (a 2-step run beside a long one, sparse
+                # evaluations) so they stay visible.
+                marked = len(xs) <= 30 or s.key.startswith("eval:")
                 ax.plot(xs, ys, s.style, color=colour, linewidth=1.6, marker="o" if marked else None, markersize=3.5)
                 if s not in drawn:
                     drawn.append(s)
