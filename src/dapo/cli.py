@@ -1,4 +1,4 @@
-"""Command line: `dapo train`, `dapo eval`. Options are generated from DAPOConfig's fields."""
+"""Command line: `dapo train`, `dapo eval`, `dapo plot`. Options are generated from DAPOConfig's fields."""
 
 from __future__ import annotations
 
@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--config", help="YAML file of config fields")
     p_eval.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     add_config_arguments(p_eval)
+    p_plot = sub.add_parser("plot", help="draw a PNG dashboard of one or more run directories",
+                            description="Plot reward, accuracy, length, entropy, clipping, KL, dynamic sampling "
+                            "and timing from RUN_DIR/metrics.jsonl; several runs are overlaid.")
+    p_plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory written by dapo train")
+    p_plot.add_argument("-o", "--output", help="PNG path (default: RUN_DIR/dashboard.png for one run, "
+                        "./dashboard.png for several)")
+    p_plot.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -73,6 +80,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"-- Evaluation ({k} samples at temperature {config.eval_temperature}): {name} "
               f"{result.eval_before[f'avg@{k}']:.3f} before training, {result.eval_after[f'avg@{k}']:.3f} after")
     print(f"-- Done in {result.seconds:.1f} s. Checkpoint: {result.checkpoint}")
+    from dapo.progress import print_summary, summary_rows
+
+    print_summary(summary_rows(run.step, result.seconds, result.metrics, result.eval_before, result.eval_after,
+                               result.checkpoint, result.run_dir))
     return 0
 
 
@@ -87,11 +98,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from dapo.plot import plot_runs
+
+    print(f"Wrote {plot_runs(args.run_dirs, args.output)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+        return {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot}[args.command](args)
     except DapoError as e:
         if args.debug:
             raise

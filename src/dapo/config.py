@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from dapo.errors import ConfigError
+from dapo.trackers import TRACKERS
 
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
@@ -124,8 +125,14 @@ class DAPOConfig:
                                 group="output")
     save_every: int = _f(0, "Save a checkpoint every N train steps (0: only at the end).", group="output")
     keep_last: int = _f(2, "Checkpoints kept in the run directory.", group="output")
-    verbose: bool = _f(True, "Print every sampled response and grad step as the seed example does.",
-                       group="output")
+    verbose: bool = _f(True, "Print every sampled response and grad step as the seed example does; "
+                       "--no-verbose shows a progress display instead.", group="output")
+    log_samples_every: int = _f(5, "Write the train batch's completions (prompt, completion, reward, advantage, "
+                                "length, truncated) to RUN_DIR/samples.jsonl at step 1 and every N train "
+                                "steps; 0: never.", group="output")
+    trackers: list[str] = _f([], "Experiment trackers besides metrics.jsonl: tensorboard (RUN_DIR/tensorboard), "
+                             "wandb (needs `pip install wandb`; WANDB_MODE=offline works without an account).",
+                             group="output")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -143,7 +150,7 @@ class DAPOConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         non_negative = ["threads", "max_num_gen_batches", "mini_batch_size", "warmup_steps", "eval_every",
                         "save_every", "overlong_buffer_len", "weight_decay", "max_grad_norm", "kl_coef",
-                        "max_eval_prompts", "overlong_penalty_factor", "eval_temperature"]
+                        "max_eval_prompts", "overlong_penalty_factor", "eval_temperature", "log_samples_every"]
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -177,6 +184,9 @@ class DAPOConfig:
                               f"{len(self.reward)} reward functions")
         if self.data is None and self.task not in TASKS:
             raise ConfigError(f"task must be one of {sorted(TASKS)}, got {self.task!r}")
+        for name in self.trackers:
+            if name not in TRACKERS:
+                raise ConfigError(f"trackers must be among {list(TRACKERS)}, got {name!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 

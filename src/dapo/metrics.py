@@ -1,9 +1,16 @@
-"""Stage: metrics. One JSON line per train step in RUN_DIR/metrics.jsonl."""
+"""Stage: metrics. Files in the run directory, one JSON object a line:
+
+- metrics.jsonl: one line per train step, the same keys on every line (docs/observability.md);
+- eval.jsonl: one line per evaluation (step 0 = before training, then every eval_every steps
+  and after the last step), kept apart because evaluations run on their own cadence;
+- samples.jsonl: the train batch's completions at step 1 and every log_samples_every steps.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -11,29 +18,60 @@ from typing import Any
 class MetricsLogger:
     def __init__(self, run_dir: Path, resume: bool = False) -> None:
         self.path = run_dir / "metrics.jsonl"
+        self.eval_path = run_dir / "eval.jsonl"
         self.samples_path = run_dir / "samples.jsonl"
         if not resume:
-            self.path.write_text("")
+            for p in (self.path, self.eval_path, self.samples_path):
+                p.write_text("")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        _append(self.path, [{"step": step, **metrics}])
+
+    def log_eval(self, step: int, scores: dict[str, Any]) -> None:
+        _append(self.eval_path, [{"step": step, **scores}])
 
     def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
-        with self.samples_path.open("a") as f:
-            for s in samples:
-                f.write(json.dumps({"step": step, **s}) + "\n")
+        _append(self.samples_path, [{"step": step, **s} for s in samples])
+
+
+def _append(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
 
 
 def _clean(v: Any) -> Any:
-    if hasattr(v, "item"):
+    if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:
         v = v.item()
+    # Strict JSON has no NaN/inf; the trainer guards its denominators so this is a last resort.
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+def sample_rows(groups: Iterable[Any]) -> list[dict[str, Any]]:
+    """One row per completion of the given rollout groups (rollout.Group after scoring and
+    advantage computation)."""
+    rows = []
+    for gi, g in enumerate(groups):
+        lengths = g.lengths.tolist()
+        for ri, text in enumerate(g.completions):
+            rows.append({"group": gi, "prompt": g.record["prompt"], "completion": text,
+                         "reward": float(g.reward[ri]), "advantage": float(g.advantages[ri]),
+                         "length": int(lengths[ri]), "truncated": bool(g.truncated[ri])})
+    return rows
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
+
+
+def read_evals(run_dir: str | Path) -> list[dict[str, Any]]:
+    return read_jsonl(Path(run_dir) / "eval.jsonl")

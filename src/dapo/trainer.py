@@ -33,12 +33,14 @@ from dapo.errors import DynamicSamplingExhausted
 from dapo.evaluate import evaluate
 from dapo.logprobs import pack, pad_stack, plan_micro_batches, split_by_response, token_logprobs
 from dapo.loss import policy_loss
-from dapo.metrics import MetricsLogger
+from dapo.metrics import MetricsLogger, sample_rows
 from dapo.models import load_model, load_tokenizer, pick_device
+from dapo.progress import NullProgress, Progress, make_progress
 from dapo.rewards import RewardFunction, combine, overlong_penalty, score_completions
 from dapo.rollout import Group, generate
 from dapo.sampling import DynamicSamplingBuffer, informative_groups
 from dapo.tasks import Task, get_task
+from dapo.trackers import make_trackers
 
 
 @dataclass
@@ -84,6 +86,7 @@ class Run:
         self.run_dir = Path(c.output_dir or f"runs/{c.task if c.data is None else 'data'}-"
                             f"{datetime.now():%Y%m%d-%H%M%S}")
         self._prompt_cache: dict[int, list[int]] = {}
+        self.progress: Progress = NullProgress()  # train() swaps in the display for --no-verbose
 
     def say(self, line: str) -> None:
         if self.config.verbose:
@@ -163,6 +166,8 @@ class Run:
                     hi = float(g.task_reward.max())
                     stats["groups_dropped_all_max" if hi > 0 else "groups_dropped_all_min"] += 1
                     self.say("Sampled group would give no learning signal; resampling...")
+            self.progress.generation_round(self.step + 1, stats["gen_rounds"], len(self.buffer.groups),
+                                           float(torch.cat([g.reward for g in groups]).mean()))
         batch = self.buffer.take()
         for g in batch:
             g.advantages = group_advantages(g.reward[None], normalize_std=c.normalize_std)[0]
@@ -262,9 +267,14 @@ class Run:
                 grad_step = epoch * len(mini_batches) + mbi + 1
                 self.say(f"Grad step {grad_step}/{c.grad_steps_per_train_step} in train step "
                          f"{self.step + 1}/{c.train_steps} completed. Objective: {objective:.6f}")
+                self.progress.grad_step(self.step + 1, grad_step, objective)
         steps = c.grad_steps_per_train_step
         out = {k: v / steps for k, v in sums.items() if not k.startswith("_") and k != "entropy"}
         out["entropy"] = sums.get("entropy", 0.0) / max(sums.get("_entropy_tokens", 1.0), 1.0)
+        # A batch whose responses were all filtered out runs no loss; keep the keys (metrics.jsonl
+        # promises every key on every step) with the value "nothing moved".
+        for key in ("clip_frac_low", "clip_frac_high", "approx_kl") + (("kl_ref",) if self.ref_model else ()):
+            out.setdefault(key, 0.0)
         out["lr"] = self.scheduler.get_last_lr()[0]
         out["train_tokens"] = tokens_trained
         return out
@@ -285,29 +295,54 @@ class Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         c.to_yaml(self.run_dir / "config.yaml")
         logger = MetricsLogger(self.run_dir)
-        before = self.evaluate()
-        history = []
-        while self.step < c.train_steps:
-            t0 = time.perf_counter()
-            batch, stats = self.collect_batch()
-            self.say("-- Training")
-            t1 = time.perf_counter()
-            stats.update(self.update(batch))
-            stats["train_seconds"] = time.perf_counter() - t1
-            stats["train_tokens_per_second"] = stats.pop("train_tokens") / max(stats["train_seconds"], 1e-9)
-            stats["step_seconds"] = time.perf_counter() - t0
-            stats["optimizer_steps"] = self.optimizer_steps
-            self.step += 1
-            if c.eval_every and self.step % c.eval_every == 0 and self.step < c.train_steps:
-                stats.update({f"eval/{k}": v for k, v in self.evaluate().items()})
-            logger.log(self.step, stats)
-            history.append({"step": self.step, **stats})
-            if c.save_every and self.step % c.save_every == 0 and self.step < c.train_steps:
-                self.save()
-        after = self.evaluate()
-        ckpt = self.save()
+        trackers = make_trackers(c.trackers, self.run_dir, c.to_dict())
+        self.progress = progress = make_progress(c.verbose)
+        try:
+            progress.phase("Evaluating before training")
+            before = self._evaluate_and_log(logger, trackers, "before training")
+            progress.start(c.train_steps, c.grad_steps_per_train_step, c.train_batch_size)
+            history = []
+            while self.step < c.train_steps:
+                t0 = time.perf_counter()
+                batch, stats = self.collect_batch()
+                self.say("-- Training")
+                t1 = time.perf_counter()
+                stats.update(self.update(batch))
+                stats["train_seconds"] = time.perf_counter() - t1
+                stats["train_tokens_per_second"] = stats.pop("train_tokens") / max(stats["train_seconds"], 1e-9)
+                stats["step_seconds"] = time.perf_counter() - t0
+                stats["optimizer_steps"] = self.optimizer_steps
+                self.step += 1
+                logger.log(self.step, stats)
+                trackers.log(self.step, stats)
+                if c.log_samples_every and (self.step == 1 or self.step % c.log_samples_every == 0):
+                    logger.log_samples(self.step, sample_rows(batch))
+                history.append({"step": self.step, **stats})
+                progress.step_done(self.step, stats)
+                if c.eval_every and self.step % c.eval_every == 0 and self.step < c.train_steps:
+                    progress.phase(f"Evaluating at step {self.step}")
+                    self._evaluate_and_log(logger, trackers, f"at step {self.step}")
+                if c.save_every and self.step % c.save_every == 0 and self.step < c.train_steps:
+                    self.save()
+            progress.close()
+            progress.phase("Evaluating after training")
+            after = self._evaluate_and_log(logger, trackers, "after training")
+            ckpt = self.save()
+        finally:
+            progress.close()
+            trackers.close()
+            self.progress = NullProgress()
         seconds = time.perf_counter() - start
         return TrainResult(self.run_dir, ckpt, before, after, history, seconds)
+
+    def _evaluate_and_log(self, logger: MetricsLogger, trackers: Any, label: str) -> dict[str, float]:
+        """Evaluate now; the scores go to eval.jsonl and the trackers under eval/ at the current step."""
+        scores = self.evaluate()
+        if scores:
+            logger.log_eval(self.step, scores)
+            trackers.log(self.step, {f"eval/{k}": v for k, v in scores.items()})
+            self.progress.evaluated(label, scores)
+        return scores
 
     def save(self) -> Path:
         return save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.config,

@@ -1,0 +1,216 @@
+"""Console display of a training run: a live `rich` progress display on a terminal, one plain
+line per train step otherwise (CI logs, `| tee`, files), nothing in verbose mode (the trainer
+then prints the seed example's lines itself), and the summary table that ends `dapo train`.
+
+The trainer calls the hooks of `Progress`; the formatting is done by pure functions
+(`eta_seconds`, `step_line`, `summary_rows`) so it is testable without a terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import IO, Any, Protocol
+
+
+# --- pure formatting -------------------------------------------------------------------------
+def eta_seconds(elapsed: float, done: int, total: int) -> float | None:
+    """Time left if the remaining steps take as long as the finished ones did on average;
+    None before the first step finishes (no estimate is better than a wild one)."""
+    if done <= 0:
+        return None
+    return max(total - done, 0) * elapsed / done
+
+
+def format_duration(seconds: float | None) -> str:
+    """`1:02:03`, `2:03`, or `?` when unknown."""
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def step_line(step: int, total: int, stats: Mapping[str, Any], eta: float | None) -> str:
+    """One line describing a finished train step, for logs."""
+    parts = [f"step {step}/{total}", f"reward {stats.get('reward_mean', 0.0):.3f}"]
+    if "accuracy" in stats:
+        parts.append(f"acc {stats['accuracy']:.3f}")
+    parts += [f"len {stats.get('response_length_mean', 0.0):.1f}",
+              f"entropy {stats.get('entropy', 0.0):.3f}",
+              f"kept {stats.get('groups_kept', 0)} dropped {stats.get('groups_dropped_all_same', 0)} "
+              f"in {stats.get('gen_rounds', 0)} rounds",
+              f"{stats.get('step_seconds', 0.0):.1f} s/step",
+              f"ETA {format_duration(eta)}"]
+    return " | ".join(parts)
+
+
+def eval_line(label: str, scores: Mapping[str, float]) -> str:
+    """`eval before training: avg@32 0.031 | pass@32 0.600 | ...`"""
+    return f"eval {label}: " + " | ".join(f"{k} {v:.3f}" for k, v in scores.items())
+
+
+def summary_rows(steps: int, seconds: float, metrics: Sequence[Mapping[str, Any]], eval_before: Mapping[str, float],
+                 eval_after: Mapping[str, float], checkpoint: Any, run_dir: Any) -> list[tuple[str, str]]:
+    """(label, value) rows of the end-of-training summary."""
+    rows = [("train steps", str(steps)), ("wall time", format_duration(seconds) + f" ({seconds:.1f} s)")]
+    if metrics:
+        last = metrics[-1]
+        rows.append(("final reward (mean, last step)", f"{last.get('reward_mean', float('nan')):.3f}"))
+        if "accuracy" in last:
+            rows.append(("final train accuracy", f"{last['accuracy']:.3f}"))
+    for key in eval_before:
+        if key in eval_after and key != "num_prompts":  # a count, not a score
+            rows.append((f"eval {key}", f"{eval_before[key]:.3f} before -> {eval_after[key]:.3f} after"))
+    rows += [("checkpoint", str(checkpoint)), ("run directory", str(run_dir)),
+             ("plot", f"dapo plot {run_dir}")]
+    return rows
+
+
+# --- the display ------------------------------------------------------------------------------
+class Progress(Protocol):
+    """Hooks the trainer calls; every implementation must tolerate any call order."""
+
+    def start(self, total_steps: int, grad_steps: int, batch_groups: int) -> None: ...
+    def phase(self, text: str) -> None: ...
+    def generation_round(self, step: int, rounds: int, kept: int, reward: float) -> None: ...
+    def grad_step(self, step: int, grad_step: int, objective: float) -> None: ...
+    def step_done(self, step: int, stats: Mapping[str, Any]) -> None: ...
+    def evaluated(self, label: str, scores: Mapping[str, float]) -> None: ...
+    def close(self) -> None: ...
+
+
+class NullProgress:
+    """Shows nothing: verbose mode, where the trainer prints the seed's lines instead."""
+
+    def start(self, total_steps: int, grad_steps: int, batch_groups: int) -> None: pass
+    def phase(self, text: str) -> None: pass
+    def generation_round(self, step: int, rounds: int, kept: int, reward: float) -> None: pass
+    def grad_step(self, step: int, grad_step: int, objective: float) -> None: pass
+    def step_done(self, step: int, stats: Mapping[str, Any]) -> None: pass
+    def evaluated(self, label: str, scores: Mapping[str, float]) -> None: pass
+    def close(self) -> None: pass
+
+
+class PlainProgress(NullProgress):
+    """One line per train step and evaluation; no cursor movement, so logs stay readable."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream
+        self.total = 0
+        self.t0 = time.perf_counter()
+
+    def _print(self, line: str) -> None:
+        # Resolve sys.stdout at call time so pytest's capture and redirections are honoured.
+        print(line, file=self.stream or sys.stdout, flush=True)
+
+    def start(self, total_steps: int, grad_steps: int, batch_groups: int) -> None:
+        self.total = total_steps
+        self.t0 = time.perf_counter()
+
+    def phase(self, text: str) -> None:
+        self._print(f"-- {text}")
+
+    def step_done(self, step: int, stats: Mapping[str, Any]) -> None:
+        if step == 1:
+            self.t0 = time.perf_counter() - stats.get("step_seconds", 0.0)
+        eta = eta_seconds(time.perf_counter() - self.t0, step, self.total)
+        self._print(step_line(step, self.total, stats, eta))
+
+    def evaluated(self, label: str, scores: Mapping[str, float]) -> None:
+        if scores:
+            self._print(eval_line(label, scores))
+
+
+class RichProgress(NullProgress):
+    """Live bars for train steps, the generation rounds of dynamic sampling and grad steps."""
+
+    def __init__(self, console: Any = None) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.console = console or Console()
+        self.bars = Progress(SpinnerColumn(), TextColumn("[bold]{task.description:<12}"), BarColumn(bar_width=30),
+                             MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                             console=self.console, transient=False)
+        self.total = 0
+        self.t0 = time.perf_counter()
+        self.step_task = self.gen_task = self.grad_task = None
+        self.last_info = ""
+
+    def start(self, total_steps: int, grad_steps: int, batch_groups: int) -> None:
+        self.total = total_steps
+        self.t0 = time.perf_counter()
+        self.bars.start()
+        self.step_task = self.bars.add_task("train steps", total=total_steps, info="")
+        self.gen_task = self.bars.add_task("generation", total=batch_groups, info="")
+        self.grad_task = self.bars.add_task("grad steps", total=grad_steps, info="")
+
+    def phase(self, text: str) -> None:
+        if self.step_task is not None:
+            self.bars.update(self.step_task, info=f"{self.last_info}  [dim]{text}")
+        else:
+            self.console.print(f"-- {text}", highlight=False)
+
+    def generation_round(self, step: int, rounds: int, kept: int, reward: float) -> None:
+        if self.gen_task is not None:
+            if rounds == 1:  # a new train step: restart the per-step bars
+                self.bars.reset(self.gen_task)
+                self.bars.reset(self.grad_task, info="")
+            self.bars.update(self.gen_task, completed=kept, info=f"round {rounds}, reward {reward:.3f}")
+
+    def grad_step(self, step: int, grad_step: int, objective: float) -> None:
+        if self.grad_task is not None:
+            self.bars.update(self.grad_task, completed=grad_step, info=f"objective {objective:+.4f}")
+
+    def step_done(self, step: int, stats: Mapping[str, Any]) -> None:
+        if self.step_task is None:
+            return
+        if step == 1:
+            self.t0 = time.perf_counter() - stats.get("step_seconds", 0.0)
+        eta = eta_seconds(time.perf_counter() - self.t0, step, self.total)
+        acc = f"  acc {stats['accuracy']:.3f}" if "accuracy" in stats else ""
+        self.last_info = (f"reward {stats.get('reward_mean', 0.0):.3f}{acc}  "
+                          f"{stats.get('step_seconds', 0.0):.1f} s/step  ETA {format_duration(eta)}")
+        self.bars.update(self.step_task, completed=step, info=self.last_info)
+
+    def evaluated(self, label: str, scores: Mapping[str, float]) -> None:
+        if scores:
+            self.console.print(eval_line(label, scores), highlight=False)
+
+    def close(self) -> None:
+        self.bars.stop()
+        # After the bars stop, later phases and evaluations print as lines.
+        self.step_task = self.gen_task = self.grad_task = None
+
+
+def make_progress(verbose: bool, stream: IO[str] | None = None) -> Progress:
+    """Verbose: nothing (the seed's lines are printed instead); a terminal: live bars; else plain lines."""
+    if verbose:
+        return NullProgress()
+    out = stream or sys.stdout
+    if getattr(out, "isatty", lambda: False)():
+        from rich.console import Console
+
+        return RichProgress(Console(file=out))
+    return PlainProgress(stream)
+
+
+def print_summary(rows: Sequence[tuple[str, str]], stream: IO[str] | None = None) -> None:
+    """The end-of-training table; plain box characters when the output is not a terminal."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    out = stream or sys.stdout
+    # Off a terminal rich assumes 80 columns and would fold long paths; logs have no width, and a
+    # path on one line can be copied.
+    console = Console(file=out, width=None if out.isatty() else 10_000)
+    table = Table(title="dapo train: summary", box=box.SIMPLE if out.isatty() else box.ASCII, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for label, value in rows:
+        table.add_row(label, value)
+    console.print(table)
