@@ -22,7 +22,16 @@ class RewardError(DapoError):
 
 
 class DynamicSamplingExhausted(DapoError):
-    """max_num_gen_batches generation rounds did not yield enough groups with reward variance."""
+    """max_num_gen_batches generation rounds did not yield enough groups with reward variance.
+
+    `solved` is True when every response of those rounds was correct by the task's accuracy
+    function: the policy has converged on the training prompts, which ends the run early as a
+    success rather than as an error.
+    """
+
+    def __init__(self, message: str, solved: bool = False) -> None:
+        super().__init__(message)
+        self.solved = solved
 
 
 class PromptTooLongError(DapoError):

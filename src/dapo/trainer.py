@@ -131,14 +131,20 @@ class Run:
         stats = {"gen_rounds": 0, "groups_kept": 0, "groups_dropped_all_same": 0, "groups_dropped_all_max": 0,
                  "groups_dropped_all_min": 0, "groups_carried_over": len(self.buffer.groups), "gen_tokens": 0}
         reward_sum, correct, count, lengths, truncated = 0.0, 0.0, 0, [], 0
+        all_correct = self.task.accuracy is not None
         gen_seconds = 0.0
         while not self.buffer.full:
             if c.max_num_gen_batches and stats["gen_rounds"] >= c.max_num_gen_batches:
+                if all_correct:
+                    raise DynamicSamplingExhausted(
+                        f"all {count} responses of the last {stats['gen_rounds']} generation rounds were correct "
+                        f"and got equal rewards: the policy solves the training prompts", solved=True)
                 raise DynamicSamplingExhausted(
                     f"dynamic sampling found only {len(self.buffer.groups)} of {c.train_batch_size} groups with "
                     f"differing rewards in max_num_gen_batches={c.max_num_gen_batches} generation rounds at train "
-                    f"step {self.step + 1}: every group got equal rewards. Raise max_num_gen_batches or group_size, "
-                    f"or use prompts the model sometimes solves.")
+                    f"step {self.step + 1} ({stats['groups_dropped_all_max']} groups all at their best reward, "
+                    f"{stats['groups_dropped_all_min']} all at zero or less). Raise max_num_gen_batches or "
+                    f"group_size, or use prompts the model sometimes solves.")
             stats["gen_rounds"] += 1
             self.say("-- Generating rollouts")
             t0 = time.perf_counter()
@@ -156,8 +162,11 @@ class Run:
                 truncated += sum(g.truncated)
                 stats["gen_tokens"] += int(g.lengths.sum())
                 if self.task.accuracy is not None:
-                    correct += sum(self.task.accuracy(prompts=[g.record["prompt"]] * len(g.completions),
-                                                      completions=g.completions))
+                    columns = {key: [v] * len(g.completions) for key, v in g.record.items() if key != "prompt"}
+                    hits = self.task.accuracy(prompts=[g.record["prompt"]] * len(g.completions),
+                                              completions=g.completions, **columns)
+                    correct += sum(hits)
+                    all_correct = all_correct and all(h >= 1.0 for h in hits)
                 if k:
                     stats["groups_kept"] += 1
                     self.buffer.add([g])
@@ -304,7 +313,15 @@ class Run:
             history = []
             while self.step < c.train_steps:
                 t0 = time.perf_counter()
-                batch, stats = self.collect_batch()
+                try:
+                    batch, stats = self.collect_batch()
+                except DynamicSamplingExhausted as e:
+                    if not e.solved:
+                        if self.step:
+                            self.save()  # nothing trained is lost
+                        raise
+                    print(f"-- Stopping early at train step {self.step + 1}: {e}", flush=True)
+                    break
                 self.say("-- Training")
                 t1 = time.perf_counter()
                 stats.update(self.update(batch))
