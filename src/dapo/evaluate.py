@@ -165,7 +165,7 @@ def evaluate_config(config: "DAPOConfig") -> dict[str, float]:
     c = config
     torch.manual_seed(c.seed)
     torch.set_num_threads(c.threads or os.cpu_count() or 1)
-    task = build_task(c)
+    task = build_task(c, eval_only=True)
     if task.accuracy is None or not task.eval:
         raise DataError("nothing to evaluate: give --data test.jsonl (with --reward) or a built-in --task")
     tokenizer = load_tokenizer(c.model)

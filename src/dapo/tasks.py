@@ -87,13 +87,14 @@ def get_task(name: str) -> Task:
     return BUILTIN_TASKS[name]()
 
 
-def build_task(config: "DAPOConfig") -> Task:
+def build_task(config: "DAPOConfig", eval_only: bool = False) -> Task:
     """The task a config describes.
 
     - Records: --data (train) and --eval-data (held-out) when given, else the built-in task's.
     - Reward functions: --reward when given, else the built-in task's own (data needs --reward).
     - Accuracy: with --reward, the first reward function (a score >= 1 counts as correct);
       otherwise the built-in task's accuracy function.
+    With `eval_only` the training records are left out (`dapo eval` needs only held-out ones).
     """
     c = config
     load = dict(prompt_column=c.prompt_column, prompt_template=c.prompt_template)
@@ -108,6 +109,8 @@ def build_task(config: "DAPOConfig") -> Task:
         task = replace(base)
     if c.eval_data is not None:
         task.eval = load_records(c.eval_data, c.eval_split, **load)
+    if eval_only:
+        task.train = []
     if c.reward:
         fns = build_reward_functions(c.reward)
         task.rewards = {rf.name: rf.fn for rf in fns}
