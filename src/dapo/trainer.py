@@ -58,6 +58,9 @@ class Run:
                  model: torch.nn.Module | None = None, tokenizer: Any = None) -> None:
         self.config = c = config
         seed_everything(c.seed)
+        # Data and reward functions first: a bad file or reward spec fails before the model loads.
+        self.task = task if task is not None else build_task(c)
+        self.reward_fns = reward_fns if reward_fns is not None else reward_functions(self.task, c.reward_weights)
         torch.set_num_threads(c.threads or os.cpu_count() or 1)
         self.device = pick_device(c.device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(c.model)
@@ -66,8 +69,6 @@ class Run:
         self.ref_model = None
         if c.kl_coef > 0:
             self.ref_model = load_model(c.model, c.dtype, self.device).eval().requires_grad_(False)
-        self.task = task if task is not None else build_task(c)
-        self.reward_fns = reward_fns if reward_fns is not None else reward_functions(self.task, c.reward_weights)
         self.sampler = PromptSampler(self.task.train, seed=c.seed)
         self.buffer: DynamicSamplingBuffer[Group] = DynamicSamplingBuffer(c.train_batch_size)
         self.eos_ids = {self.tokenizer.eos_token_id}
