@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -48,3 +49,131 @@ def test_reward_wrong_count_and_raise():
 
     with pytest.raises(RewardError, match="'boom' raised KeyError"):
         score_completions([RewardFunction("boom", boom)], ["p"], ["a"], {})
+
+
+# --- built-ins, loading, the TRL adapter, time limits, reward_errors -------------------------------
+
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from dapo.rewards import (as_completions, build_reward_functions, call_with_timeout, combine,  # noqa: E402
+                          exact_match_reward, load_reward_function, math_reward, numeric_reward, score_group)
+
+
+def test_exact_match_and_numeric_by_hand():
+    completions = [" 12 ", "12.", "3 + 9 = 12", "1,200", "twelve", "-4"]
+    assert exact_match_reward([], completions, answer="12") == [1.0, 0, 0, 0, 0, 0]
+    assert numeric_reward([], completions, answer=["12", "12", "12", "1200", "12", "-4"]) == [1, 1, 1, 1, 0, 1]
+    # GSM8K-style answers: the last number of the answer is the gold one
+    assert numeric_reward([], ["so 72"], answer="48 + 24 = 72\n#### 72") == [1.0]
+    with pytest.raises(ValueError, match="needs an 'answer' column"):
+        numeric_reward([], ["1"])
+
+
+def test_math_reward_reads_boxed_answers():
+    completions = ["The answer is $\\boxed{\\frac{1}{2}}$.", "\\boxed{0.5}", "\\boxed{2}", "no idea"]
+    assert math_reward([], completions, answer="\\frac{1}{2}") == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_chat_completions_follow_trl():
+    chat = [{"role": "user", "content": "hi"}]
+    assert as_completions(chat, ["7"]) == [[{"role": "assistant", "content": "7"}]]
+    assert as_completions("hi", ["7"]) == ["7"]
+    scored = score_group([RewardFunction("numeric", numeric_reward)], {"prompt": chat, "answer": "7"}, ["7", "8"])
+    assert scored.scores[:, 0].tolist() == [1.0, 0.0]
+
+
+def test_columns_reach_trl_functions_and_extra_columns_are_dropped_for_narrow_ones():
+    seen = {}
+
+    def wide(prompts, completions, **kwargs):
+        seen.update(kwargs)
+        return [1.0] * len(completions)
+
+    def narrow(prompts, completions, answer):  # no **kwargs: gets only the columns it names
+        return [float(c == a) for c, a in zip(completions, answer)]
+
+    record = {"prompt": "p", "answer": "b", "level": "easy"}
+    scored = score_group([RewardFunction("wide", wide), RewardFunction("narrow", narrow, 2.0)], record, ["a", "b"])
+    assert seen == {"answer": ["b", "b"], "level": ["easy", "easy"]}
+    assert scored.scores.tolist() == [[1.0, 0.0], [1.0, 1.0]]
+    torch.testing.assert_close(combine(scored.scores, [1.0, 2.0]), torch.tensor([1.0, 3.0]))
+
+
+def test_load_reward_from_file_module_and_builtin(tmp_path):
+    (tmp_path / "my_rewards.py").write_text("def correct(prompts, completions, answer, **kw):\n"
+                                            "    return [float(c.strip() == a) for c, a in zip(completions, answer)]\n")
+    name, fn = load_reward_function(f"{tmp_path}/my_rewards.py:correct")
+    assert name == "correct" and fn([], ["4"], answer=["4"]) == [1.0]
+    assert load_reward_function("dapo.rewards:digit_reward")[0] == "digit_reward"
+    fns = build_reward_functions(["numeric", "numeric", f"{tmp_path}/my_rewards.py:correct"], [1.0, 0.5, 2.0])
+    assert [(f.name, f.weight) for f in fns] == [("numeric", 1.0), ("numeric_2", 0.5), ("correct", 2.0)]
+    with pytest.raises(RewardError, match="has no function 'nope'"):
+        load_reward_function(f"{tmp_path}/my_rewards.py:nope")
+    with pytest.raises(RewardError, match="file 'missing.py' does not exist"):
+        load_reward_function("missing.py:f")
+    with pytest.raises(RewardError, match="cannot import module 'no_such_module_xyz'"):
+        load_reward_function("no_such_module_xyz:f")
+    with pytest.raises(RewardError, match="is not a built-in"):
+        load_reward_function("accuracy")
+
+
+def _sleepy(prompts, completions, **kw):
+    time.sleep(30)
+    return [1.0] * len(completions)
+
+
+def test_time_limit_holds_off_the_main_thread():
+    """signal.alarm would silently do nothing here; the worker process is killed on time."""
+    out = {}
+
+    def work():
+        t0 = time.perf_counter()
+        try:
+            score_completions([RewardFunction("sleepy", _sleepy)], ["What is 1 + 1?"], ["2"], {}, timeout=0.5)
+        except RewardError as e:
+            out["error"], out["seconds"] = str(e), time.perf_counter() - t0
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(20)
+    assert out["seconds"] < 5
+    assert out["error"] == ("reward function 'sleepy' took longer than reward_timeout=0.5 s "
+                            "(record: prompt 'What is 1 + 1?')")
+
+
+def test_worker_returns_values_and_errors():
+    assert call_with_timeout(lambda **kw: [kw["x"], 2.0], {"x": 1.0}, 5.0) == [1.0, 2.0]
+
+    def boom(prompts, completions, **kw):
+        raise ZeroDivisionError("division by zero")
+
+    with pytest.raises(RewardError, match=r"'boom' raised ZeroDivisionError: division by zero \(record: prompt 'p'\)"):
+        score_completions([RewardFunction("boom", boom)], ["p"], ["a"], {}, timeout=5.0)
+
+
+@pytest.mark.parametrize("returned, problem", [
+    (None, "returned None instead of a list of 2 floats"),
+    ([1.0, None], "returned None for completion 1"),
+    ([float("inf"), 1.0], "returned inf for completion 0"),
+    ([1.0, 2.0, 3.0], "returned 3 values for 2 completions"),
+    ("11", "returned '11' instead of a list"),
+])
+def test_bad_return_values_are_named(returned, problem):
+    rf = RewardFunction("bad", lambda prompts, completions, **kw: returned)
+    with pytest.raises(RewardError, match=re.escape(f"reward function 'bad' {problem}")):
+        score_completions([rf], ["p", "p"], ["a", "b"], {}, timeout=5.0)
+
+
+def test_reward_errors_zero_counts_them():
+    good = RewardFunction("good", lambda prompts, completions, **kw: [1.0, 1.0, 1.0])
+    nan_one = RewardFunction("nan_one", lambda prompts, completions, **kw: [0.5, math.nan, None])
+
+    def boom(prompts, completions, **kw):
+        raise RuntimeError("no")
+
+    scored = score_completions([good, nan_one, RewardFunction("boom", boom)], ["p"] * 3, ["a", "b", "c"], {},
+                               on_error="zero")
+    assert scored.scores.tolist() == [[1.0, 0.5, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    assert scored.errors == 2 + 3  # two bad values, then a whole call of three
+    assert "'nan_one' returned nan for completion 1" in scored.first_error

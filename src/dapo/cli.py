@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--config", help="YAML file of config fields; command-line options override it")
     p_train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     add_config_arguments(p_train)
-    p_eval = sub.add_parser("eval", help="evaluate a model or run directory")
+    p_eval = sub.add_parser("eval", help="evaluate a model or run directory", description="Evaluate --model (a "
+                            "model id or directory, or a run directory: its newest checkpoint) on --data (with "
+                            "--reward) or a built-in --task's held-out prompts; prints avg@k, pass@k, mean length.")
     p_eval.add_argument("--config", help="YAML file of config fields")
     p_eval.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     add_config_arguments(p_eval)
@@ -75,10 +77,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = Run(config)
     result = run.train()
     name = "share of answers that are exactly \"5\"" if config.task == "digit" and config.data is None else "accuracy"
-    k = config.eval_samples
     if result.eval_before:
-        print(f"-- Evaluation ({k} samples at temperature {config.eval_temperature}): {name} "
-              f"{result.eval_before[f'avg@{k}']:.3f} before training, {result.eval_after[f'avg@{k}']:.3f} after")
+        avg = next(key for key in result.eval_before if key.startswith("avg@"))  # avg@1 when greedy
+        print(f"-- Evaluation ({avg[4:]} samples at temperature {config.eval_temperature}): {name} "
+              f"{result.eval_before[avg]:.3f} before training, {result.eval_after[avg]:.3f} after")
+        from dapo.evaluate import format_table
+
+        print(format_table(result.eval_before, "-- Held-out evaluation before training"))
+        print(format_table(result.eval_after, "-- Held-out evaluation after training"))
     print(f"-- Done in {result.seconds:.1f} s. Checkpoint: {result.checkpoint}")
     from dapo.progress import print_summary, summary_rows
 
@@ -88,13 +94,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    from dapo.trainer import Run
+    from dapo.evaluate import eval_config, evaluate_config, format_table
 
-    run = Run(config)
-    scores = run.evaluate()
-    for key, value in scores.items():
-        print(f"{key:>20}  {value:.4f}")
+    overrides = {f.name: getattr(args, f.name) for f in fields(DAPOConfig) if getattr(args, f.name) is not None}
+    config = eval_config(overrides, args.config)
+    scores = evaluate_config(config)
+    mode = "greedy" if config.eval_temperature == 0 else f"temperature {config.eval_temperature}, top-p {config.eval_top_p}"
+    print(format_table(scores, f"-- {config.model}: {int(scores['num_prompts'])} prompts, {mode}"))
     return 0
 
 

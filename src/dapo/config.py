@@ -58,8 +58,8 @@ class DAPOConfig:
                            "(TRL convention f(prompts, completions, **columns) -> list[float]), or built-in "
                            "names: digit, exact_match, numeric, math. Empty: the task's own reward.", group="data")
     reward_weights: list[float] = _f([], "One weight per reward function (empty: all 1.0).", group="data")
-    reward_timeout: float = _f(30.0, "Seconds one reward-function call may take before the run stops.",
-                               group="data")
+    reward_timeout: float = _f(30.0, "Seconds one reward-function call may take before the run stops (it runs "
+                               "in a worker process, so the limit holds from any thread); 0: no limit.", group="data")
     reward_errors: Literal["raise", "zero"] = _f("raise", "On a reward function that raises or returns "
                                                  "None/NaN/inf: 'raise' stops the run; 'zero' scores 0 and counts it.",
                                                  group="data")
@@ -150,7 +150,8 @@ class DAPOConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         non_negative = ["threads", "max_num_gen_batches", "mini_batch_size", "warmup_steps", "eval_every",
                         "save_every", "overlong_buffer_len", "weight_decay", "max_grad_norm", "kl_coef",
-                        "max_eval_prompts", "overlong_penalty_factor", "eval_temperature", "log_samples_every"]
+                        "max_eval_prompts", "overlong_penalty_factor", "eval_temperature", "log_samples_every",
+                        "reward_timeout"]
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -1,10 +1,13 @@
-"""Stage: prompts. Records (a prompt plus any other columns), chat formatting, and the sampler
-that hands out `gen_batch_size` records per generation round, epoch after epoch."""
+"""Stage: prompts. Records (a prompt plus any other columns), chat formatting, the sampler
+that hands out `gen_batch_size` records per generation round, epoch after epoch, and the
+loaders that turn JSONL/Parquet/CSV files or `datasets` datasets into records."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dapo.errors import DataError, PromptTooLongError
@@ -79,3 +82,89 @@ class PromptSampler:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
         self._order = self._shuffled(self.epoch)
+
+
+# --- loading datasets -----------------------------------------------------------------------
+
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_records(source: str, split: str = "train", *, prompt_column: str = "prompt",
+                 prompt_template: str | None = None) -> list[Record]:
+    """Read a dataset through the `datasets` library and normalise it with `normalize_records`.
+
+    `source` is a .jsonl/.json/.parquet/.csv file (its one split; `split` is ignored), a directory
+    of such files, or a Hugging Face datasets id (both read `split`).
+    """
+    rows = _read_rows(source, split)
+    return normalize_records(rows, prompt_column=prompt_column, prompt_template=prompt_template, source=source)
+
+
+def _read_rows(source: str, split: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise DataError("reading datasets needs the `datasets` package: pip install datasets") from e
+    # Progress bars from the datasets cache would interleave with the training log.
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    path = Path(source).expanduser()
+    try:
+        if path.is_file():
+            builder = _FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise DataError(f"{source!r}: unsupported file type {path.suffix!r}; use "
+                                f"{', '.join(sorted(_FILE_BUILDERS))}, a directory, or a datasets id")
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        else:
+            if not path.exists() and (source.startswith((".", "/", "~")) or Path(source).suffix in _FILE_BUILDERS):
+                raise DataError(f"data file {source!r} does not exist")
+            loaded = datasets.load_dataset(str(path) if path.exists() else source)
+            if split not in loaded:
+                raise DataError(f"{source!r} has no split {split!r} (splits: {', '.join(loaded)}); "
+                                f"choose one with --data-split / --eval-split")
+            ds = loaded[split]
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - parse errors, missing hub ids, no network: one message
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"could not read dataset {source!r} ({type(e).__name__}: {first})") from e
+    return ds.to_list()
+
+
+def normalize_records(rows: Sequence[dict[str, Any]], *, prompt_column: str = "prompt",
+                      prompt_template: str | None = None, source: str = "dataset") -> list[Record]:
+    """Give every row a "prompt" key (the trainer's only requirement) and check it.
+
+    With `prompt_template` the prompt is `prompt_template.format(**row)` (a user message);
+    otherwise it is `row[prompt_column]`, a string or chat messages. All columns are kept so
+    reward functions receive them.
+    """
+    if not rows:
+        raise DataError(f"{source!r}: the dataset is empty")
+    columns = list(rows[0])
+    out = []
+    for i, row in enumerate(rows):
+        record = dict(row)
+        if prompt_template is not None:
+            try:
+                record["prompt"] = prompt_template.format(**row)
+            except KeyError as e:
+                raise DataError(f"{source!r}: prompt_template {prompt_template!r} names column {e.args[0]!r}, "
+                                f"which the data lacks (columns: {', '.join(columns)})") from None
+            except (IndexError, ValueError) as e:
+                raise DataError(f"prompt_template {prompt_template!r} is not a valid format string: {e}") from None
+        else:
+            if prompt_column not in row:
+                raise DataError(f"{source!r} has no column {prompt_column!r} (columns: {', '.join(columns)}); "
+                                f"name the prompt column with --prompt-column or build prompts with "
+                                f"--prompt-template")
+            record["prompt"] = row[prompt_column]
+        try:
+            to_messages(record["prompt"])
+        except DataError as e:
+            raise DataError(f"{source!r}, record {i}: {e}") from None
+        if isinstance(record["prompt"], str) and not record["prompt"].strip():
+            raise DataError(f"{source!r}, record {i}: the prompt is empty")
+        out.append(record)
+    return out

@@ -6,10 +6,18 @@ one float per completion; `columns` are the dataset's other columns, one value p
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
 import math
+import multiprocessing as mp
+import os
 import re
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,6 +74,78 @@ def digit_accuracy(prompts: Sequence[Any], completions: Sequence[Any], **_: Any)
     return [1.0 if _text(c).strip() == "5" else 0.0 for c in completions]
 
 
+def _answers(answer: Any, n: int, name: str) -> list[Any]:
+    if answer is None:
+        raise ValueError(f"the {name} reward needs an 'answer' column in the data")
+    return list(answer) if isinstance(answer, (list, tuple)) else [answer] * n
+
+
+def exact_match_reward(prompts: Sequence[Any], completions: Sequence[Any], answer: Any = None,
+                       **_: Any) -> list[float]:
+    """1.0 when the stripped completion equals the stripped `answer` column, else 0.0."""
+    answers = _answers(answer, len(completions), "exact_match")
+    return [1.0 if _text(c).strip() == str(a).strip() else 0.0 for c, a in zip(completions, answers)]
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def last_number(text: str) -> float | None:
+    """The last number written in `text` ("1,234" counts as 1234), or None."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def numeric_reward(prompts: Sequence[Any], completions: Sequence[Any], answer: Any = None,
+                   **_: Any) -> list[float]:
+    """1.0 when the last number in the completion equals the last number in `answer`.
+
+    Taking the *last* number of the answer too lets GSM8K-style answers ("... #### 72") work
+    as they are; taking the last number of the completion accepts "3 + 4 = 7" as well as "7".
+    """
+    answers = _answers(answer, len(completions), "numeric")
+    out = []
+    for c, a in zip(completions, answers):
+        gold = float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else last_number(str(a))
+        if gold is None:
+            raise ValueError(f"the numeric reward found no number in the answer {a!r}")
+        got = last_number(_text(c))
+        out.append(1.0 if got is not None and abs(got - gold) <= 1e-6 * max(1.0, abs(gold)) else 0.0)
+    return out
+
+
+def math_reward(prompts: Sequence[Any], completions: Sequence[Any], answer: Any = None,
+                **_: Any) -> list[float]:
+    """1.0 when math-verify finds the completion's answer (\\boxed{} first) equal to `answer`."""
+    from math_verify import parse, verify
+
+    answers = _answers(answer, len(completions), "math")
+    out = []
+    for c, a in zip(completions, answers):
+        # math-verify's own time limits use signal.alarm, which fails off the main thread; the
+        # per-call limit of score_completions (a worker process) bounds these calls instead.
+        gold = parse(str(a), parsing_timeout=None)  # type: ignore[arg-type]
+        if not gold:
+            gold = parse(f"${a}$", parsing_timeout=None)  # type: ignore[arg-type]
+        pred = parse(_text(c), parsing_timeout=None)  # type: ignore[arg-type]
+        out.append(1.0 if gold and pred and verify(gold, pred, timeout_seconds=None) else 0.0)
+    return out
+
+
+# Built-in rewards that read the `answer` column; checked against the data when a task is built.
+NEEDS_ANSWER = ("exact_match", "numeric", "math")
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {"digit": digit_reward, "exact_match": exact_match_reward,
+                                        "numeric": numeric_reward, "math": math_reward}
+
+
+# --- loading reward functions -------------------------------------------------------------------
+
 @dataclass
 class RewardFunction:
     """A named, weighted reward function."""
@@ -75,44 +155,224 @@ class RewardFunction:
     weight: float = 1.0
 
 
+def load_reward_function(spec: str) -> tuple[str, RewardFn]:
+    """Resolve a built-in name, 'package.module:function' or 'path/to/file.py:function'.
+
+    Returns (metric name, function); the name is the built-in name or the function's name.
+    """
+    if spec in BUILTIN_REWARDS:
+        return spec, BUILTIN_REWARDS[spec]
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise RewardError(f"reward {spec!r} is not a built-in ({', '.join(BUILTIN_REWARDS)}) nor of the form "
+                          f"'module:function' or 'path/file.py:function'")
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise RewardError(f"reward {spec!r}: file {target!r} does not exist")
+        module_name = f"dapo_user_rewards_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise RewardError(f"reward {spec!r}: cannot import {target!r} as Python")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module  # lets pickling and dataclasses inside the file work
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001
+            raise RewardError(f"reward {spec!r}: importing {target!r} raised {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as e:  # noqa: BLE001
+            raise RewardError(f"reward {spec!r}: cannot import module {target!r} ({type(e).__name__}: {e})") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise RewardError(f"reward {spec!r}: {target!r} has no function {attr!r}")
+    return attr, fn
+
+
+def build_reward_functions(specs: Sequence[str], weights: Sequence[float] = ()) -> list[RewardFunction]:
+    """Load every spec; names are made unique (a repeated name gets '_2', '_3', ...)."""
+    if weights and len(weights) != len(specs):
+        raise RewardError(f"{len(weights)} reward weights for {len(specs)} reward functions")
+    out: list[RewardFunction] = []
+    for i, spec in enumerate(specs):
+        name, fn = load_reward_function(spec)
+        taken = {rf.name for rf in out}
+        unique, n = name, 2
+        while unique in taken:
+            unique, n = f"{name}_{n}", n + 1
+        out.append(RewardFunction(unique, fn, float(weights[i]) if weights else 1.0))
+    return out
+
+
+# --- calling reward functions -------------------------------------------------------------------
+
+class RewardTimeout(Exception):
+    """A reward-function call ran past its time limit (raised by call_with_timeout)."""
+
+
+class RewardCallError(Exception):
+    """The function raised in the worker process, or the worker died; the message says which."""
+
+
+def call_reward(fn: RewardFn, prompts: Sequence[Any], completions: Sequence[Any],
+                columns: dict[str, Sequence[Any]]) -> Any:
+    """Call `fn` the TRL way; columns a function does not accept (and has no **kwargs for) are left out."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: pass everything
+        params = None
+    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params):
+        names = {p.name for p in params}
+        columns = {k: v for k, v in columns.items() if k in names}
+    return fn(prompts=list(prompts), completions=list(completions), **columns)
+
+
+def _worker(conn: Any, fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    try:
+        result = fn(**kwargs)
+        conn.send(("ok", list(result) if result is not None and not isinstance(result, (str, bytes)) else result))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as a message
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+def call_with_timeout(fn: Callable[..., Any], kwargs: dict[str, Any], timeout: float) -> Any:
+    """Run fn(**kwargs) in a forked worker process and kill it after `timeout` seconds.
+
+    A process, not signal.alarm: alarms only work on the main thread and silently do nothing
+    elsewhere. 'fork' lets any function run (lambdas, closures, functions from files) without
+    pickling it; only the result travels back. timeout <= 0 calls fn in this process.
+
+    Raises:
+        RewardTimeout past the limit; RewardCallError when fn raised in the worker or it died.
+    """
+    if timeout <= 0:
+        return fn(**kwargs)
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    with warnings.catch_warnings():
+        # Python >= 3.12 warns about fork in a threaded process; the child only runs `fn`.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        proc = ctx.Process(target=_worker, args=(child, fn, kwargs), daemon=True)
+        proc.start()
+    child.close()
+    try:
+        if not parent.poll(timeout):
+            raise RewardTimeout(f"took longer than reward_timeout={timeout:g} s")
+        try:
+            status, payload = parent.recv()
+        except EOFError:
+            proc.join(1.0)
+            raise RewardCallError(f"worker process died (exit code {proc.exitcode})") from None
+    finally:
+        parent.close()
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+    if status == "error":
+        raise RewardCallError(payload)
+    return payload
+
+
+def as_completions(prompt: Any, texts: Sequence[str]) -> list[Any]:
+    """TRL's convention: completions are strings for a string prompt and a one-message
+    assistant conversation for a chat prompt."""
+    if isinstance(prompt, list):
+        return [[{"role": "assistant", "content": t}] for t in texts]
+    return list(texts)
+
+
+def score_group(reward_fns: Sequence[RewardFunction], record: dict[str, Any], texts: Sequence[str], *,
+                timeout: float = 0.0, on_error: str = "raise") -> RewardScores:
+    """Score the G completions of one record: its other columns go to the reward functions."""
+    columns = {k: [v] * len(texts) for k, v in record.items() if k != "prompt"}
+    return score_completions(reward_fns, [record["prompt"]] * len(texts), as_completions(record["prompt"], texts),
+                             columns, timeout=timeout, on_error=on_error)
+
+
+@dataclass
+class RewardScores:
+    """Scores of one call of every reward function on a batch of completions."""
+
+    scores: torch.Tensor          # [N, num_fns] unweighted, errors counted as 0
+    errors: int = 0               # values scored 0 because of an error (reward_errors='zero')
+    first_error: str | None = None
+
+
 def score_completions(
     reward_fns: Sequence[RewardFunction],
     prompts: Sequence[Any],
     completions: Sequence[Any],
     columns: dict[str, Sequence[Any]],
-) -> torch.Tensor:
-    """Call every reward function once on the whole batch and check what comes back.
+    *,
+    timeout: float = 0.0,
+    on_error: str = "raise",
+) -> RewardScores:
+    """Call every reward function once on the batch (one record's group) and check what comes back.
 
-    Returns:
-        [N, num_fns] float tensor of unweighted scores.
+    Args:
+        timeout: seconds per call (a worker process enforces it); <= 0: no limit, in process.
+        on_error: 'raise' stops with a RewardError; 'zero' scores the bad values 0 and counts them.
     Raises:
-        RewardError naming the function, the first offending completion and the problem.
+        RewardError naming the function, the record (its prompt), the completion and the problem.
     """
     n = len(completions)
     scores = torch.zeros(n, len(reward_fns))
+    errors, first_error = 0, None
+
+    def fail(rf: RewardFunction, problem: str, bad: int) -> None:
+        nonlocal errors, first_error
+        message = f"reward function {rf.name!r} {problem} (record: prompt {_text(prompts[0])[:80]!r})" \
+            if prompts else f"reward function {rf.name!r} {problem}"
+        if on_error != "zero":
+            raise RewardError(message)
+        errors += bad
+        first_error = first_error or message
+
     for j, rf in enumerate(reward_fns):
+        kwargs = {"fn": rf.fn, "prompts": prompts, "completions": completions, "columns": columns}
         try:
-            values = rf.fn(prompts=list(prompts), completions=list(completions), **columns)
+            values = call_with_timeout(call_reward, kwargs, timeout)
+        except RewardTimeout as e:
+            fail(rf, str(e), n)
+            continue
+        except RewardCallError as e:
+            fail(rf, f"raised {e}", n)
+            continue
         except Exception as e:  # noqa: BLE001 - any user error becomes one clear message
-            raise RewardError(f"reward function {rf.name!r} raised {type(e).__name__}: {e}") from e
-        values = list(values) if values is not None else None
-        if values is None or len(values) != n:
-            got = "None" if values is None else f"{len(values)} values"
-            raise RewardError(f"reward function {rf.name!r} returned {got} for {n} completions")
+            fail(rf, f"raised {type(e).__name__}: {e}", n)
+            continue
+        if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+            fail(rf, f"returned {values!r:.60} instead of a list of {n} floats", n)
+            continue
+        values = list(values)
+        if len(values) != n:
+            fail(rf, f"returned {len(values)} values for {n} completions", n)
+            continue
         for i, v in enumerate(values):
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) or hasattr(v, "__float__")
-            fv = float(v) if ok and v is not None else math.nan
-            if not math.isfinite(fv):
-                raise RewardError(
-                    f"reward function {rf.name!r} returned {v!r} for completion {i} "
-                    f"({_text(completions[i])[:60]!r}); rewards must be finite numbers")
+            fv = _finite(v)
+            if fv is None:
+                fail(rf, f"returned {v!r} for completion {i} ({_text(completions[i])[:60]!r}); rewards must "
+                     f"be finite numbers", 1)
+                continue
             scores[i, j] = fv
-    return scores
+    return RewardScores(scores, errors, first_error)
+
+
+def _finite(v: Any) -> float | None:
+    """float(v) when v is a finite number (bools, None, strings and NaN/inf are not)."""
+    if v is None or isinstance(v, (bool, str, bytes)):
+        return None
+    try:
+        fv = float(v)
+    except (TypeError, ValueError):
+        return None
+    return fv if math.isfinite(fv) else None
 
 
 def combine(scores: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     """Weighted sum over reward functions: [N, F] -> [N]."""
     return scores @ torch.tensor(list(weights), dtype=scores.dtype)
-
-
-BUILTIN_REWARDS: dict[str, RewardFn] = {"digit": digit_reward}

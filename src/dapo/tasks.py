@@ -1,14 +1,27 @@
-"""Built-in tasks: prompts, reward functions and an accuracy function, with no download."""
+"""Tasks: training prompts, held-out prompts, reward functions and an accuracy function.
+
+`build_task(config)` is the one place that turns a config into a Task: a built-in task
+(generated in code, no download) or records from --data / --eval-data, with reward functions
+from --reward or the task's own.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from dapo.data import Record
-from dapo.rewards import RewardFn, digit_accuracy, digit_reward
+from dapo.data import Record, load_records
+from dapo.errors import DataError
+from dapo.rewards import (NEEDS_ANSWER, RewardFn, RewardFunction, build_reward_functions, digit_accuracy,
+                          digit_reward, numeric_reward)
+
+if TYPE_CHECKING:
+    from dapo.config import DAPOConfig
 
 DIGIT_PROMPT = ("What number between 0 and 9 am I thinking of right now? "
                 "You MUST ONLY answer with a single integer.")
+ARITHMETIC_PROMPT = "What is {a} + {b}? Answer with the number only."
 
 
 @dataclass
@@ -26,6 +39,99 @@ def digit_task() -> Task:
     return Task("digit", [record], [record], {"digit": digit_reward}, digit_accuracy)
 
 
+# Difficulty levels for SmolLM2-135M-Instruct at temperature 1 with the numeric reward (last
+# number in the answer), measured on 128 samples each: "easy" (one operand 0 or 1) ~23%,
+# "medium" (both operands 2..9) ~14%, "hard" (two-digit operands) ~0%. The model solves
+# nothing reliably, so "easy" is what it solves most often; "hard" groups are almost always
+# all-wrong and show dynamic sampling dropping them.
+ARITHMETIC_LEVELS: dict[str, list[tuple[int, int]]] = {
+    "easy": sorted({(a, b) for a in range(10) for b in (0, 1)} | {(a, b) for a in (0, 1) for b in range(10)}),
+    "medium": [(a, b) for a in range(2, 10) for b in range(2, 10)],
+    "hard": [(a, b) for a in range(10, 100) for b in range(10, 100)],
+}
+
+
+def arithmetic_records(seed: int = 1234, eval_per_level: int = 16,
+                       train_per_level: int = 48) -> tuple[list[Record], list[Record]]:
+    """Sums a + b at three levels, split into disjoint train and held-out pairs.
+
+    The split is fixed by `seed` (not the run's seed), so every run is judged on the same
+    held-out prompts. Small levels contribute all their remaining pairs to training.
+    Returns (train, eval); each record has prompt, answer (a string) and level.
+    """
+    rng = random.Random(seed)
+    train: list[Record] = []
+    held_out: list[Record] = []
+    for level, pairs in ARITHMETIC_LEVELS.items():
+        pairs = list(pairs)
+        rng.shuffle(pairs)
+        for split, chosen in ((held_out, pairs[:eval_per_level]),
+                              (train, pairs[eval_per_level:eval_per_level + train_per_level])):
+            split.extend({"prompt": ARITHMETIC_PROMPT.format(a=a, b=b), "answer": str(a + b), "level": level}
+                         for a, b in chosen)
+    return train, held_out
+
+
+def arithmetic_task() -> Task:
+    """Generated sums with a held-out split; reward and accuracy: the numeric reward."""
+    train, held_out = arithmetic_records()
+    return Task("arithmetic", train, held_out, {"numeric": numeric_reward}, numeric_reward)
+
+
+BUILTIN_TASKS = {"digit": digit_task, "arithmetic": arithmetic_task}
+
+
 def get_task(name: str) -> Task:
-    builders = {"digit": digit_task}
-    return builders[name]()
+    if name not in BUILTIN_TASKS:
+        raise DataError(f"unknown task {name!r}; built-in tasks: {', '.join(BUILTIN_TASKS)}")
+    return BUILTIN_TASKS[name]()
+
+
+def build_task(config: "DAPOConfig", eval_only: bool = False) -> Task:
+    """The task a config describes.
+
+    - Records: --data (train) and --eval-data (held-out) when given, else the built-in task's.
+    - Reward functions: --reward when given, else the built-in task's own (data needs --reward).
+    - Accuracy: with --reward, the first reward function (a score >= 1 counts as correct);
+      otherwise the built-in task's accuracy function.
+    With `eval_only` the training records are left out (`dapo eval` needs only held-out ones).
+    """
+    c = config
+    load = dict(prompt_column=c.prompt_column, prompt_template=c.prompt_template)
+    base = get_task(c.task) if c.data is None else None
+    if c.data is not None:
+        if not c.reward:
+            raise DataError(f"--data {c.data!r} needs reward functions: --reward exact_match, numeric, math, "
+                            f"'module:function' or 'file.py:function'")
+        task = Task("data", load_records(c.data, c.data_split, **load), [], {}, None)
+    else:
+        assert base is not None
+        task = replace(base)
+    if c.eval_data is not None:
+        task.eval = load_records(c.eval_data, c.eval_split, **load)
+    if eval_only:
+        task.train = []
+    if c.reward:
+        fns = build_reward_functions(c.reward)
+        task.rewards = {rf.name: rf.fn for rf in fns}
+        task.accuracy = fns[0].fn
+    _check_columns(task)
+    return task
+
+
+def reward_functions(task: Task, weights: list[float]) -> list[RewardFunction]:
+    """The task's reward functions with their config weights (empty: all 1.0)."""
+    if weights and len(weights) != len(task.rewards):
+        raise DataError(f"{len(weights)} reward_weights for {len(task.rewards)} reward functions "
+                        f"({', '.join(task.rewards)})")
+    return [RewardFunction(name, fn, weights[i] if weights else 1.0)
+            for i, (name, fn) in enumerate(task.rewards.items())]
+
+
+def _check_columns(task: Task) -> None:
+    """Fail before any generation when a built-in reward needs an 'answer' column the data lacks."""
+    needing = [name for name in task.rewards if name in NEEDS_ANSWER]
+    for split, records in (("training", task.train), ("evaluation", task.eval)):
+        if needing and records and "answer" not in records[0]:
+            raise DataError(f"reward {needing[0]!r} compares completions with an 'answer' column, which the "
+                            f"{split} data lacks (columns: {', '.join(records[0])})")

@@ -36,10 +36,10 @@ from dapo.loss import policy_loss
 from dapo.metrics import MetricsLogger, sample_rows
 from dapo.models import load_model, load_tokenizer, pick_device
 from dapo.progress import NullProgress, Progress, make_progress
-from dapo.rewards import RewardFunction, combine, overlong_penalty, score_completions
+from dapo.rewards import RewardFunction, combine, overlong_penalty, score_group
 from dapo.rollout import Group, generate
 from dapo.sampling import DynamicSamplingBuffer, informative_groups
-from dapo.tasks import Task, get_task
+from dapo.tasks import Task, build_task, reward_functions
 from dapo.trackers import make_trackers
 
 
@@ -60,6 +60,9 @@ class Run:
                  model: torch.nn.Module | None = None, tokenizer: Any = None) -> None:
         self.config = c = config
         seed_everything(c.seed)
+        # Data and reward functions first: a bad file or reward spec fails before the model loads.
+        self.task = task if task is not None else build_task(c)
+        self.reward_fns = reward_fns if reward_fns is not None else reward_functions(self.task, c.reward_weights)
         torch.set_num_threads(c.threads or os.cpu_count() or 1)
         self.device = pick_device(c.device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(c.model)
@@ -68,10 +71,6 @@ class Run:
         self.ref_model = None
         if c.kl_coef > 0:
             self.ref_model = load_model(c.model, c.dtype, self.device).eval().requires_grad_(False)
-        self.task = task if task is not None else get_task(c.task)
-        self.reward_fns = reward_fns if reward_fns is not None else [
-            RewardFunction(name, fn, w) for (name, fn), w in
-            zip(self.task.rewards.items(), c.reward_weights or [1.0] * len(self.task.rewards))]
         self.sampler = PromptSampler(self.task.train, seed=c.seed)
         self.buffer: DynamicSamplingBuffer[Group] = DynamicSamplingBuffer(c.train_batch_size)
         self.eos_ids = {self.tokenizer.eos_token_id}
@@ -114,16 +113,32 @@ class Run:
             groups.append(g)
         return groups
 
-    def score(self, groups: list[Group]) -> None:
-        """Task reward from the reward functions, plus the overlong penalty (Eq. 13)."""
+    def score(self, groups: list[Group]) -> int:
+        """Task reward from the reward functions, plus the overlong penalty (Eq. 13).
+
+        Returns how many reward values were errors scored 0 (reward_errors='zero')."""
         c = self.config
+        errors = 0
         for g in groups:
-            columns = {k: [v] * len(g.completions) for k, v in g.record.items() if k != "prompt"}
-            g.scores = score_completions(self.reward_fns, [g.record["prompt"]] * len(g.completions),
-                                         g.completions, columns)
+            scored = score_group(self.reward_fns, g.record, g.completions, timeout=c.reward_timeout,
+                                 on_error=c.reward_errors)
+            if scored.first_error and not errors:
+                self.say(f"Reward error scored 0: {scored.first_error}")
+            errors += scored.errors
+            g.scores = scored.scores
             g.task_reward = combine(g.scores, [rf.weight for rf in self.reward_fns])
             g.reward = g.task_reward + overlong_penalty(g.lengths, c.max_new_tokens, c.overlong_buffer_len,
                                                         c.overlong_penalty_factor)
+        return errors
+
+    def group_hits(self, g: Group) -> list[float]:
+        """Per completion of a scored group: 1.0 if correct (accuracy score >= 1), else 0.0."""
+        if self.reward_fns and self.task.accuracy is self.reward_fns[0].fn:
+            return (g.scores[:, 0] >= 1.0).float().tolist()  # already computed: no second call
+        c = self.config
+        scored = score_group([RewardFunction("accuracy", self.task.accuracy)], g.record, g.completions,
+                             timeout=c.reward_timeout, on_error=c.reward_errors)
+        return (scored.scores[:, 0] >= 1.0).float().tolist()
 
     def collect_batch(self) -> tuple[list[Group], dict[str, float]]:
         """Algorithm 1's inner loop: generate until train_batch_size informative groups are ready."""
@@ -133,6 +148,8 @@ class Run:
         reward_sum, correct, count, lengths, truncated = 0.0, 0.0, 0, [], 0
         all_correct = self.task.accuracy is not None
         gen_seconds = 0.0
+        score_sums = torch.zeros(len(self.reward_fns))
+        reward_errors = 0
         while not self.buffer.full:
             if c.max_num_gen_batches and stats["gen_rounds"] >= c.max_num_gen_batches:
                 if all_correct:
@@ -150,7 +167,7 @@ class Run:
             t0 = time.perf_counter()
             groups = self.rollout(self.sampler.next(c.gen_batch_size))
             gen_seconds += time.perf_counter() - t0
-            self.score(groups)
+            reward_errors += self.score(groups)
             task_rewards = torch.stack([g.task_reward for g in groups])
             keep = informative_groups(task_rewards) if c.dynamic_sampling else torch.ones(len(groups), dtype=torch.bool)
             for g, k in zip(groups, keep.tolist()):
@@ -161,10 +178,9 @@ class Run:
                 lengths.extend(g.lengths.tolist())
                 truncated += sum(g.truncated)
                 stats["gen_tokens"] += int(g.lengths.sum())
+                score_sums += g.scores.sum(dim=0)
                 if self.task.accuracy is not None:
-                    columns = {key: [v] * len(g.completions) for key, v in g.record.items() if key != "prompt"}
-                    hits = self.task.accuracy(prompts=[g.record["prompt"]] * len(g.completions),
-                                              completions=g.completions, **columns)
+                    hits = self.group_hits(g)
                     correct += sum(hits)
                     all_correct = all_correct and all(h >= 1.0 for h in hits)
                 if k:
@@ -193,6 +209,9 @@ class Run:
         })
         if self.task.accuracy is not None:
             stats["accuracy"] = correct / max(count, 1)
+        # Each reward function's own mean over every completion generated this step.
+        stats.update({f"reward/{rf.name}": float(s) / max(count, 1) for rf, s in zip(self.reward_fns, score_sums)})
+        stats["reward_errors"] = reward_errors
         return batch, stats
 
     # --- policy update --------------------------------------------------------------------
@@ -296,7 +315,8 @@ class Run:
         records = self.task.eval[: c.max_eval_prompts or None]
         return evaluate(self.model, self.tokenizer, records, self.task.accuracy, k=c.eval_samples,
                         temperature=c.eval_temperature, top_p=c.eval_top_p, max_new_tokens=c.max_new_tokens,
-                        max_prompt_len=c.max_prompt_len, system_prompt=c.system_prompt)
+                        max_prompt_len=c.max_prompt_len, system_prompt=c.system_prompt,
+                        reward_timeout=c.reward_timeout, reward_errors=c.reward_errors)
 
     def train(self) -> TrainResult:
         c = self.config
