@@ -1,0 +1,55 @@
+"""A toy task for resume tests: several prompts and a reward that a tiny random model gets with
+varying scores, so dynamic sampling keeps groups and every optimizer step moves the weights.
+
+Run as a script it is `dapo` with this task in place of the built-in one (this branch's CLI has
+no way to name a reward function), and with one fault to inject:
+    TOY_SIGTERM_AT_CALL=N  the process sends itself SIGTERM in the N-th reward call (mid-step).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from dapo.tasks import Task
+
+PROMPTS = [{"prompt": f"Say a word that starts with letter {c}."} for c in "abcde"]
+
+
+def toy_task(name: str = "toy") -> Task:
+    calls = 0
+
+    def length_reward(prompts, completions, **_):
+        """Characters mod 3: differs within almost every group of a random model's answers."""
+        nonlocal calls
+        calls += 1
+        if calls == int(os.environ.get("TOY_SIGTERM_AT_CALL", 0)):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return [float(len(c) % 3) for c in completions]
+
+    return Task("toy", PROMPTS, [], {"length": length_reward})
+
+
+# Options shared by every resume test: gen_batch_size > train_batch_size leaves groups in the
+# dynamic-sampling buffer across steps; two mini-batches, mu 2, warm-up and a cosine schedule
+# exercise the optimizer and scheduler state.
+TOY_OPTIONS = dict(group_size=4, max_new_tokens=3, train_batch_size=2, gen_batch_size=3, mini_batch_size=1, mu=2,
+                   lr=1e-3, warmup_steps=2, lr_schedule="cosine", train_steps=4, threads=1, verbose=False,
+                   eval_samples=2)
+
+
+def toy_argv() -> list[str]:
+    out = []
+    for k, v in TOY_OPTIONS.items():
+        flag = "--" + k.replace("_", "-")
+        out += ([flag] if v is True else [f"--no-{flag[2:]}"] if v is False else [flag, str(v)])
+    return out
+
+
+if __name__ == "__main__":
+    import dapo.trainer
+    from dapo.cli import main
+
+    dapo.trainer.get_task = toy_task
+    sys.exit(main(sys.argv[1:]))
