@@ -16,10 +16,9 @@ from safetensors.torch import load_file
 from dapo import DAPOConfig
 from dapo.checkpoint import list_checkpoints
 from dapo.errors import TrainingInterrupted
-from dapo.models import tiny_model
 from dapo.resume import find_checkpoint
 from dapo.trainer import Run
-from toy_run import TOY_OPTIONS, toy_argv, toy_task
+from toy_run import TOY_OPTIONS, save_tiny_model, toy_argv, toy_task
 
 TESTS = Path(__file__).parent
 
@@ -27,10 +26,7 @@ TESTS = Path(__file__).parent
 @pytest.fixture(scope="module")
 def tiny_dir(tokenizer, tmp_path_factory) -> Path:
     """The tiny random model saved as a Hugging Face directory, for `--model DIR`."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    tiny_model(len(tokenizer), seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), tokenizer)
 
 
 def toy_run(model_dir: Path, out: Path, **changes) -> Run:
@@ -60,7 +56,7 @@ def reference(tiny_dir, tmp_path_factory) -> dict[str, torch.Tensor]:
 
 
 def test_sigterm_then_resume_equals_uninterrupted_run(tiny_dir, reference, tmp_path, monkeypatch):
-    monkeypatch.setenv("TOY_SIGTERM_AT_CALL", "4")  # step 1 takes 3 reward calls: this lands in step 2
+    monkeypatch.setenv("TOY_SIGNAL_AT_CALLS", "4")  # step 1 takes 3 reward calls: this lands in step 2
     interrupted = toy_run(tiny_dir, tmp_path)
     with pytest.raises(TrainingInterrupted, match="Interrupted at step 2; resume with: dapo train --resume") as e:
         interrupted.train()
@@ -68,7 +64,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tiny_dir, reference, tmp_p
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002"]
     assert len(interrupted.buffer.groups) == 2  # carried-over groups travel in the checkpoint
 
-    monkeypatch.delenv("TOY_SIGTERM_AT_CALL")
+    monkeypatch.delenv("TOY_SIGNAL_AT_CALLS")
     resumed = toy_run(tiny_dir, tmp_path)
     resumed.restore(find_checkpoint(tmp_path))
     resumed.train()
@@ -97,7 +93,7 @@ def test_cli_sigkill_during_checkpoint_then_sigterm_then_resume(tiny_dir, refere
 
     # Resume, and SIGTERM mid-step 2 (its generation round): the step finishes, a checkpoint is
     # written, exit 143 with the line that says how to resume.
-    stopped = cli("train", "--resume", str(run), env={"TOY_SIGTERM_AT_CALL": "2"})
+    stopped = cli("train", "--resume", str(run), env={"TOY_SIGNAL_AT_CALLS": "2"})
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     assert f"Interrupted at step 2; resume with: dapo train --resume {run}" in stopped.stderr
     assert "Traceback" not in stopped.stderr

@@ -3,7 +3,8 @@ varying scores, so dynamic sampling keeps groups and every optimizer step moves 
 
 Run as a script it is `dapo` with this task in place of the built-in one (this branch's CLI has
 no way to name a reward function), and with one fault to inject:
-    TOY_SIGTERM_AT_CALL=N  the process sends itself SIGTERM in the N-th reward call (mid-step).
+    TOY_SIGNAL_AT_CALLS=N[,M]  the process sends itself TOY_SIGNAL (default SIGTERM) in the N-th
+                               (and M-th) reward call, i.e. in the middle of a train step.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
+from typing import Any
 
+from dapo.models import tiny_model
 from dapo.tasks import Task
 
 PROMPTS = [{"prompt": f"Say a word that starts with letter {c}."} for c in "abcde"]
@@ -24,8 +28,8 @@ def toy_task(name: str = "toy") -> Task:
         """Characters mod 3: differs within almost every group of a random model's answers."""
         nonlocal calls
         calls += 1
-        if calls == int(os.environ.get("TOY_SIGTERM_AT_CALL", 0)):
-            os.kill(os.getpid(), signal.SIGTERM)
+        if str(calls) in os.environ.get("TOY_SIGNAL_AT_CALLS", "").split(","):
+            os.kill(os.getpid(), signal.Signals[os.environ.get("TOY_SIGNAL", "SIGTERM")])
         return [float(len(c) % 3) for c in completions]
 
     return Task("toy", PROMPTS, [], {"length": length_reward})
@@ -37,6 +41,13 @@ def toy_task(name: str = "toy") -> Task:
 TOY_OPTIONS = dict(group_size=4, max_new_tokens=3, train_batch_size=2, gen_batch_size=3, mini_batch_size=1, mu=2,
                    lr=1e-3, warmup_steps=2, lr_schedule="cosine", train_steps=4, threads=1, verbose=False,
                    eval_samples=2)
+
+
+def save_tiny_model(path: Path, tokenizer: Any) -> Path:
+    """The tiny random Llama (real tokenizer) as a Hugging Face directory, for `--model DIR`."""
+    tiny_model(len(tokenizer), seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def toy_argv() -> list[str]:
