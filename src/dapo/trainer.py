@@ -426,7 +426,7 @@ class Run:
             print(f"dapo: warning: train_steps changed from {saved.train_steps} to {self.config.train_steps}; the "
                   f"{self.config.lr_schedule} learning-rate schedule is stretched to the new length from here on",
                   file=sys.stderr)
-        weights = load_model(str(checkpoint), self.config.dtype, self.device)
+        weights = load_model(str(checkpoint), self.config.dtype, "cpu")  # no second copy on the GPU
         with torch.no_grad():
             self.model.load_state_dict(weights.state_dict())  # in place: the optimizer keeps its parameters
         del weights
