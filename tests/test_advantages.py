@@ -27,3 +27,9 @@ def test_bad_shape_is_rejected():
 
     with pytest.raises(ValueError, match="num_groups, G>=2"):
         group_advantages(torch.tensor([1.0, 2.0]))
+
+
+def test_equal_rewards_give_exactly_zero():
+    # mean(8 x 0.7) is off by one rounding step; unguarded, dividing by std + eps made that 0.056.
+    adv = group_advantages(torch.full((1, 8), 0.7))
+    assert torch.equal(adv, torch.zeros(1, 8))

@@ -21,6 +21,10 @@ def group_advantages(rewards: torch.Tensor, normalize_std: bool = True, eps: flo
         raise ValueError(f"rewards must have shape [num_groups, G>=2], got {tuple(rewards.shape)}")
     rewards = rewards.float()
     centered = rewards - rewards.mean(dim=1, keepdim=True)
+    # The mean of equal floats can miss them by one rounding step, and dividing that by std + eps
+    # (std 0) would blow it up to advantages of ~0.05 (e.g. G = 8 rewards of 0.7): pin equal groups to 0.
+    equal = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)
+    centered = centered.masked_fill(equal, 0.0)
     if not normalize_std:
         return centered
     return centered / (rewards.std(dim=1, keepdim=True, unbiased=True) + eps)

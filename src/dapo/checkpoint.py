@@ -7,14 +7,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dapo.config import DAPOConfig
+from dapo.errors import CheckpointError, RunDirError
 
 PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+STATE_FILE = "trainer_state.pt"
+# Test hook: SIGKILL this process once a checkpoint's temporary directory holds this many files
+# (optionally only at step DAPO_FAULT_STEP), to prove a half-written checkpoint is never used.
+FAULT_AFTER_FILES = "DAPO_FAULT_AFTER_FILES"
+FAULT_STEP = "DAPO_FAULT_STEP"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -34,27 +42,116 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any, config: DAPOConfig,
                     trainer_state: dict[str, Any] | None = None, keep_last: int = 2) -> Path:
+    """Write checkpoint `step` atomically and prune all but the newest `keep_last`.
+
+    Raises CheckpointError (leaving no temporary files and every older checkpoint intact) when
+    the disk is full or the directory unwritable.
+    """
     final = checkpoint_dir(run_dir, step)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    config.to_yaml(tmp / "dapo_config.yaml")
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-    (tmp / "COMPLETE").write_text(f"{step}\n")
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        _maybe_fault(tmp, step)
+        tokenizer.save_pretrained(tmp)
+        _maybe_fault(tmp, step)
+        config.to_yaml(tmp / "dapo_config.yaml")
+        _maybe_fault(tmp, step)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / STATE_FILE)
+            _maybe_fault(tmp, step)
+        (tmp / "COMPLETE").write_text(f"{step}\n")
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)  # free the space a partial write took
+        previous = latest_checkpoint(run_dir)
+        raise CheckpointError(f"could not write checkpoint {final}: {_reason(e)}. "
+                              + (f"The previous checkpoint {previous} is intact." if previous else
+                                 "No earlier checkpoint exists.")) from e
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Rename first: a kill during rmtree must not leave a half-deleted directory marked COMPLETE.
+        doomed = old.parent / f"{TMP_PREFIX}{old.name}-pruned"
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """The optimizer, scheduler, RNG, data and sampling state saved next to the weights."""
+    path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint} has no {STATE_FILE} (it holds weights only), "
+                              "so the run cannot be resumed exactly from it")
+    try:
+        # Plain containers and tensors only (see Run.state_dict), so the safe loader suffices.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged file becomes one clear message
+        raise CheckpointError(f"could not read {path}: {_reason(e)}") from e
+
+
+def remove_stale_tmp(run_dir: Path) -> None:
+    """Delete temporary directories left by a process killed while writing a checkpoint."""
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for p in root.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def check_run_dir(run_dir: Path, checkpoint_bytes: int) -> None:
+    """Fail before training, not at the first checkpoint: create the run directory, probe-write
+    a file in it, and compare the free space with the size of one checkpoint."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create run directory {run_dir}: {_reason(e)}") from e
+    probe = run_dir / ".dapo-write-test"
+    try:
+        with probe.open("wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        probe.unlink(missing_ok=True)
+        raise RunDirError(f"run directory {run_dir} is not writable: {_reason(e)}") from e
+    free = shutil.disk_usage(run_dir).free
+    if free < checkpoint_bytes:
+        raise RunDirError(f"only {free / 2**20:.0f} MiB free in {run_dir}; one checkpoint needs about "
+                          f"{checkpoint_bytes / 2**20:.0f} MiB. Free some space or pick another --output-dir")
+
+
+def estimate_checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Weights once, AdamW's two moments as large again each, plus room for the tokenizer."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = sum(2 * p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return weights + moments + 32 * 2**20
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror if e.filename is None else f"{e.strerror} ({e.filename})"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _maybe_fault(tmp: Path, step: int) -> None:
+    after = os.environ.get(FAULT_AFTER_FILES)
+    if not after or (os.environ.get(FAULT_STEP) and int(os.environ[FAULT_STEP]) != step):
+        return
+    if sum(1 for _ in tmp.iterdir()) >= int(after):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_tree(path: Path) -> None:

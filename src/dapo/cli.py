@@ -8,7 +8,7 @@ from dataclasses import MISSING, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
 from dapo.config import DAPOConfig
-from dapo.errors import DapoError
+from dapo.errors import DapoError, TrainingInterrupted
 
 GROUP_TITLES = {"model": "model", "data": "prompts and rewards", "rollout": "rollout and dynamic sampling",
                 "loss": "reward shaping, advantages and loss", "optim": "optimisation",
@@ -45,6 +45,16 @@ def config_from_args(args: argparse.Namespace) -> DAPOConfig:
     return DAPOConfig.from_dict(overrides)
 
 
+def resumed_config_from_args(args: argparse.Namespace) -> DAPOConfig:
+    """The resumed run's config: its checkpoint's config, then --config values, then options."""
+    from dapo.config import read_yaml_values
+    from dapo.resume import resumed_config
+
+    overrides = {k.replace("-", "_"): v for k, v in read_yaml_values(args.config).items()} if args.config else {}
+    overrides.update({f.name: getattr(args, f.name) for f in fields(DAPOConfig) if getattr(args, f.name) is not None})
+    return resumed_config(args.resume, overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dapo", description="Fine-tune language models with DAPO.")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
@@ -52,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_train = sub.add_parser("train", help="train a model", description="Train with DAPO. Without options: the "
                              "seed's digit example on the embedded SmolLM2-135M-Instruct.")
     p_train.add_argument("--config", help="YAML file of config fields; command-line options override it")
+    p_train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest complete "
+                         "checkpoint; options may change only logging, output, evaluation and --train-steps")
     p_train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     add_config_arguments(p_train)
     p_eval = sub.add_parser("eval", help="evaluate a model or run directory", description="Evaluate --model (a "
@@ -71,12 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = resumed_config_from_args(args) if args.resume else config_from_args(args)
     from dapo.trainer import Run
 
     run = Run(config)
+    if args.resume:
+        from dapo.resume import find_checkpoint
+
+        run.restore(find_checkpoint(run.run_dir))
     result = run.train()
     name = "share of answers that are exactly \"5\"" if config.task == "digit" and config.data is None else "accuracy"
+    if result.eval_after and not result.eval_before:  # a resumed run skips the "before" evaluation
+        avg = next(key for key in result.eval_after if key.startswith("avg@"))
+        print(f"-- Evaluation ({avg[4:]} samples at temperature {config.eval_temperature}): {name} "
+              f"{result.eval_after[avg]:.3f} after training")
     if result.eval_before:
         avg = next(key for key in result.eval_before if key.startswith("avg@"))  # avg@1 when greedy
         print(f"-- Evaluation ({avg[4:]} samples at temperature {config.eval_temperature}): {name} "
@@ -116,10 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot}[args.command](args)
+    except TrainingInterrupted as e:
+        print(f"dapo: {e}", file=sys.stderr)
+        return e.exit_code
     except DapoError as e:
         if args.debug:
             raise
         print(f"dapo: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permissions, a file vanishing: the OS's own words are clear enough
+        if args.debug:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"dapo: error: {e.strerror or e}{where} (run with --debug for the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dapo: interrupted", file=sys.stderr)

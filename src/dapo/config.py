@@ -114,6 +114,8 @@ class DAPOConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping by global norm; 0 turns it off.", group="optim")
     max_tokens_per_micro_batch: int = _f(4096, "Token budget of one forward/backward (padding included); "
                                          "bounds memory, never changes the gradient.", group="optim")
+    max_bad_steps: int = _f(3, "Optimizer steps with a non-finite loss or gradient norm are skipped; this many "
+                            "in a row stop the run (the last good checkpoint stays).", group="optim")
 
     # --- evaluation, logging, output ----------------------------------------------------
     eval_samples: int = _f(32, "Samples per prompt in evaluation (avg@k / pass@k use k = this).", group="output")
@@ -144,7 +146,8 @@ class DAPOConfig:
         for f in fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         positive = ["group_size", "train_batch_size", "gen_batch_size", "max_prompt_len", "max_new_tokens",
-                    "train_steps", "mu", "eval_samples", "keep_last", "max_tokens_per_micro_batch"]
+                    "train_steps", "mu", "eval_samples", "keep_last", "max_tokens_per_micro_batch",
+                    "max_bad_steps"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -214,15 +217,7 @@ class DAPOConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "DAPOConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
+        values = read_yaml_values(path)
         values.update(overrides)
         return cls.from_dict(values, source=str(path))
 
@@ -234,6 +229,37 @@ class DAPOConfig:
 
 
 TASKS = ("digit", "arithmetic")
+
+
+def read_yaml_values(path: str | Path) -> dict[str, Any]:
+    """The field: value mapping a YAML config file sets (unchecked; from_dict checks it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
+    return values
+
+# Fields `dapo train --resume` may change: they touch only logging, output, evaluation, the run's
+# length, or memory/speed knobs that leave the result equal up to floating-point rounding
+# (threads, device, micro-batch budget). Evaluation runs on a forked RNG, so eval settings do not
+# shift the training samples. Every other field changes the run and a change to it is refused.
+RESUME_SAFE_FIELDS = frozenset({
+    "verbose", "output_dir", "train_steps", "save_every", "keep_last", "max_bad_steps",
+    "eval_every", "eval_samples", "eval_temperature", "eval_top_p", "max_eval_prompts", "eval_data", "eval_split",
+    "threads", "device", "max_tokens_per_micro_batch", "reward_timeout",
+})
+
+
+def run_changing_differences(saved: DAPOConfig, requested: DAPOConfig) -> list[str]:
+    """'field: old -> new' for every field outside RESUME_SAFE_FIELDS whose value differs."""
+    old, new = saved.to_dict(), requested.to_dict()
+    return [f"{name}: {old[name]!r} -> {new[name]!r}" for name in old
+            if name not in RESUME_SAFE_FIELDS and old[name] != new[name]]
 
 
 def _closest(name: str, candidates: set[str]) -> str | None:

@@ -36,3 +36,28 @@ class DynamicSamplingExhausted(DapoError):
 
 class PromptTooLongError(DapoError):
     """A prompt is longer than max_prompt_len tokens."""
+
+
+class RunDirError(DapoError):
+    """The run directory cannot be created or written, or lacks the space for a checkpoint."""
+
+
+class CheckpointError(DapoError):
+    """A checkpoint cannot be written, or cannot be read back to resume from."""
+
+
+class ResumeError(DapoError):
+    """`--resume` cannot continue this run: no checkpoint, a finished run, or a config change that
+    would change the run."""
+
+
+class TrainingDiverged(DapoError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+class TrainingInterrupted(DapoError):
+    """SIGINT or SIGTERM stopped the run after a checkpoint was written; exit with 128 + signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

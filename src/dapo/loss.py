@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+LOG_RATIO_LIMIT = 20.0
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -110,7 +111,10 @@ def policy_loss(
         advantages = advantages[:, None].expand_as(log_prob)
     # Masked positions may hold garbage (inf, nan): neutralise them before exp() so no NaN
     # can leak into the gradient through 0 * inf.
-    log_ratio = _masked(log_prob - old_log_prob, mask)
+    # Clamped as in verl: a finite log-ratio beyond ~88 overflows exp() in float32, and inf * A (or
+    # the 0 * inf of the clipped branch's backward) turns loss or gradient into inf/NaN. A token whose
+    # probability moved by more than e^20 is clipped anyway; it contributes no gradient.
+    log_ratio = torch.clamp(_masked(log_prob - old_log_prob, mask), -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     advantages = _masked(advantages, mask)
     ratio = torch.exp(log_ratio)
     surr1 = ratio * advantages

@@ -16,26 +16,33 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from dapo.advantages import group_advantages
-from dapo.checkpoint import save_checkpoint
+from dapo.checkpoint import (check_run_dir, checkpoint_dir, checkpoint_step, estimate_checkpoint_bytes,
+                             latest_checkpoint, load_trainer_state, remove_stale_tmp, save_checkpoint)
 from dapo.config import DAPOConfig
 from dapo.data import PromptSampler, Record, encode_prompt
-from dapo.errors import DynamicSamplingExhausted
+from dapo.errors import DynamicSamplingExhausted, ResumeError, TrainingDiverged, TrainingInterrupted
 from dapo.evaluate import evaluate
 from dapo.logprobs import pack, pad_stack, plan_micro_batches, split_by_response, token_logprobs
 from dapo.loss import policy_loss
 from dapo.metrics import MetricsLogger, sample_rows
 from dapo.models import load_model, load_tokenizer, pick_device
 from dapo.progress import NullProgress, Progress, make_progress
+from dapo.resume import (capture_rng, check_resumable, group_from_state, group_to_state, restore_rng,
+                         truncate_jsonl)
 from dapo.rewards import RewardFunction, combine, overlong_penalty, score_group
 from dapo.rollout import Group, generate
 from dapo.sampling import DynamicSamplingBuffer, informative_groups
@@ -82,6 +89,10 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=lr_lambda(c, total))
         self.step = 0
         self.optimizer_steps = 0
+        self.skipped_steps = 0          # optimizer steps skipped for a non-finite loss or grad norm
+        self.bad_steps_in_row = 0
+        self.resumed_from: Path | None = None
+        self.stop_signal: int | None = None  # set by the first SIGINT/SIGTERM
         self.run_dir = Path(c.output_dir or f"runs/{c.task if c.data is None else 'data'}-"
                             f"{datetime.now():%Y%m%d-%H%M%S}")
         self._prompt_cache: dict[int, list[int]] = {}
@@ -250,6 +261,7 @@ class Run:
         filtered = self._filtered(groups)
         sums: dict[str, float] = {}
         tokens_trained = 0
+        skipped = 0
         for epoch in range(c.mu):
             for mbi, ids in enumerate(mini_batches):
                 first = epoch == 0 and mbi == 0
@@ -281,6 +293,14 @@ class Run:
                     if ent is not None:
                         entropy_sum += float(ent.sum())
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm or math.inf)
+                grad_step = epoch * len(mini_batches) + mbi + 1
+                if not (math.isfinite(objective) and math.isfinite(float(grad_norm))):
+                    # One bad batch must not poison the weights or Adam's moments: drop its gradient.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._skip_bad_step(grad_step, objective, float(grad_norm))
+                    skipped += 1
+                    continue
+                self.bad_steps_in_row = 0
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -292,11 +312,10 @@ class Run:
                 if epoch == 0:
                     sums["entropy"] = sums.get("entropy", 0.0) + entropy_sum
                     sums["_entropy_tokens"] = sums.get("_entropy_tokens", 0.0) + num_tokens
-                grad_step = epoch * len(mini_batches) + mbi + 1
                 self.say(f"Grad step {grad_step}/{c.grad_steps_per_train_step} in train step "
                          f"{self.step + 1}/{c.train_steps} completed. Objective: {objective:.6f}")
                 self.progress.grad_step(self.step + 1, grad_step, objective)
-        steps = c.grad_steps_per_train_step
+        steps = max(c.grad_steps_per_train_step - skipped, 1)  # averages over the steps taken
         out = {k: v / steps for k, v in sums.items() if not k.startswith("_") and k != "entropy"}
         out["entropy"] = sums.get("entropy", 0.0) / max(sums.get("_entropy_tokens", 1.0), 1.0)
         # A batch whose responses were all filtered out runs no loss; keep the keys (metrics.jsonl
@@ -305,7 +324,23 @@ class Run:
             out.setdefault(key, 0.0)
         out["lr"] = self.scheduler.get_last_lr()[0]
         out["train_tokens"] = tokens_trained
+        out["skipped_steps"] = skipped
         return out
+
+    def _skip_bad_step(self, grad_step: int, objective: float, grad_norm: float) -> None:
+        self.skipped_steps += 1
+        self.bad_steps_in_row += 1
+        c = self.config
+        print(f"dapo: warning: non-finite objective ({objective}) or gradient norm ({grad_norm}) at grad step "
+              f"{grad_step} of train step {self.step + 1}; optimizer step skipped "
+              f"({self.bad_steps_in_row} in a row, the run stops at {c.max_bad_steps})", file=sys.stderr, flush=True)
+        if self.bad_steps_in_row >= c.max_bad_steps:
+            last = latest_checkpoint(self.run_dir)
+            raise TrainingDiverged(
+                f"{self.bad_steps_in_row} optimizer steps in a row had a non-finite loss or gradient norm (train "
+                f"step {self.step + 1}); stopping. "
+                + (f"The last good checkpoint is {last}." if last else "No checkpoint was written yet.")
+                + " Lower lr, or check the model dtype and the rewards.")
 
     # --- evaluation and the loop ----------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -313,22 +348,39 @@ class Run:
         if self.task.accuracy is None or not self.task.eval:
             return {}
         records = self.task.eval[: c.max_eval_prompts or None]
-        return evaluate(self.model, self.tokenizer, records, self.task.accuracy, k=c.eval_samples,
-                        temperature=c.eval_temperature, top_p=c.eval_top_p, max_new_tokens=c.max_new_tokens,
-                        max_prompt_len=c.max_prompt_len, system_prompt=c.system_prompt,
-                        reward_timeout=c.reward_timeout, reward_errors=c.reward_errors)
+        # Evaluate on a copy of the RNG state: how often and how much we evaluate must not change
+        # the training samples (so eval settings are safe to change on resume).
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return evaluate(self.model, self.tokenizer, records, self.task.accuracy, k=c.eval_samples,
+                            temperature=c.eval_temperature, top_p=c.eval_top_p, max_new_tokens=c.max_new_tokens,
+                            max_prompt_len=c.max_prompt_len, system_prompt=c.system_prompt,
+                            reward_timeout=c.reward_timeout, reward_errors=c.reward_errors)
 
     def train(self) -> TrainResult:
+        """Train to `train_steps`, from step 0 or from the checkpoint `restore` loaded.
+
+        Raises TrainingInterrupted after writing a checkpoint when SIGINT/SIGTERM arrived.
+        """
+        with self._stop_on_signal():
+            return self._train()
+
+    def _train(self) -> TrainResult:
         c = self.config
         start = time.perf_counter()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_run_dir(self.run_dir, estimate_checkpoint_bytes(self.model))
         c.to_yaml(self.run_dir / "config.yaml")
-        logger = MetricsLogger(self.run_dir)
+        resumed = self.resumed_from is not None
+        logger = MetricsLogger(self.run_dir, resume=resumed)
         trackers = make_trackers(c.trackers, self.run_dir, c.to_dict())
         self.progress = progress = make_progress(c.verbose)
         try:
-            progress.phase("Evaluating before training")
-            before = self._evaluate_and_log(logger, trackers, "before training")
+            # A resumed run restored the RNG state after step k; evaluating "before" again would
+            # only repeat work.
+            before: dict[str, float] = {}
+            if not resumed:
+                progress.phase("Evaluating before training")
+                before = self._evaluate_and_log(logger, trackers, "before training")
             progress.start(c.train_steps, c.grad_steps_per_train_step, c.train_batch_size)
             history = []
             while self.step < c.train_steps:
@@ -361,6 +413,11 @@ class Run:
                     self._evaluate_and_log(logger, trackers, f"at step {self.step}")
                 if c.save_every and self.step % c.save_every == 0 and self.step < c.train_steps:
                     self.save()
+                if self.stop_signal is not None and self.step < c.train_steps:
+                    if latest_checkpoint(self.run_dir) != checkpoint_dir(self.run_dir, self.step):
+                        self.save()
+                    raise TrainingInterrupted(f"Interrupted at step {self.step}; resume with: dapo train --resume "
+                                              f"{self.run_dir}", self.stop_signal)
             progress.close()
             progress.phase("Evaluating after training")
             after = self._evaluate_and_log(logger, trackers, "after training")
@@ -383,13 +440,95 @@ class Run:
 
     def save(self) -> Path:
         return save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.config,
-                               keep_last=self.config.keep_last)
+                               trainer_state=self.state_dict(), keep_last=self.config.keep_last)
+
+    @contextmanager
+    def _stop_on_signal(self) -> Iterator[None]:
+        """The first SIGINT/SIGTERM asks the loop to stop after the current train step and write a
+        checkpoint. The handlers then revert to the defaults, so a second signal exits at once;
+        that is safe because a checkpoint is only ever renamed into place complete."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self.stop_signal = signum
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            print(f"\ndapo: {signal.Signals(signum).name} received; stopping after train step {self.step + 1} "
+                  "and writing a checkpoint (press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+
+        for s in previous:
+            signal.signal(s, request_stop)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    # --- resuming -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights that decides the rest of the run, as plain containers
+        and tensors (readable with torch.load(weights_only=True))."""
+        index = {id(r): i for i, r in enumerate(self.sampler.records)}
+        return {
+            "version": 1,
+            "step": self.step,
+            "optimizer_steps": self.optimizer_steps,
+            "skipped_steps": self.skipped_steps,
+            "bad_steps_in_row": self.bad_steps_in_row,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": capture_rng(),
+            "sampler": self.sampler.state_dict(),
+            "buffer": [group_to_state(g, index[id(g.record)]) for g in self.buffer.groups],
+        }
+
+    def restore(self, checkpoint: Path) -> None:
+        """Load weights and trainer state from `checkpoint`, so that `train` continues the run
+        exactly as if it had never stopped."""
+        checkpoint = Path(checkpoint)
+        saved = DAPOConfig.from_yaml(checkpoint / "dapo_config.yaml")
+        check_resumable(saved, self.config)
+        state = load_trainer_state(checkpoint)
+        if state["step"] >= self.config.train_steps:
+            raise ResumeError(f"the run in {self.run_dir} already reached step {state['step']} (train_steps="
+                              f"{self.config.train_steps}); pass --train-steps N with N > {state['step']} to "
+                              "train further")
+        if self.config.train_steps != saved.train_steps and self.config.lr_schedule != "constant":
+            print(f"dapo: warning: train_steps changed from {saved.train_steps} to {self.config.train_steps}; the "
+                  f"{self.config.lr_schedule} learning-rate schedule is stretched to the new length from here on",
+                  file=sys.stderr)
+        weights = load_model(str(checkpoint), self.config.dtype, "cpu")  # no second copy on the GPU
+        with torch.no_grad():
+            self.model.load_state_dict(weights.state_dict())  # in place: the optimizer keeps its parameters
+        del weights
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.buffer.groups = [group_from_state(g, self.sampler.records) for g in state["buffer"]]
+        self.step, self.optimizer_steps = state["step"], state["optimizer_steps"]
+        self.skipped_steps, self.bad_steps_in_row = state["skipped_steps"], state["bad_steps_in_row"]
+        restore_rng(state["rng"])
+        remove_stale_tmp(self.run_dir)
+        for log in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
+            truncate_jsonl(self.run_dir / log, self.step)
+        self.resumed_from = checkpoint
+        self.say(f"-- Resuming {self.run_dir} from {checkpoint.name} (step {checkpoint_step(checkpoint)})")
 
 
-def train(config: DAPOConfig, **kwargs: Any) -> TrainResult:
+def train(config: DAPOConfig, resume: str | Path | None = None, **kwargs: Any) -> TrainResult:
     """Train with `config`; keyword arguments (task, reward_fns, model, tokenizer) override the
-    parts the config would build."""
-    return Run(config, **kwargs).train()
+    parts the config would build. With `resume` (a run directory) continue that run from its
+    newest complete checkpoint; `config` must then differ from the run's only in harmless fields."""
+    from dapo.resume import find_checkpoint
+
+    run = Run(config, **kwargs)
+    if resume is not None:
+        run.run_dir = Path(resume)
+        run.restore(find_checkpoint(run.run_dir))
+    return run.train()
 
 
 def lr_lambda(c: DAPOConfig, total_steps: int):

@@ -1,0 +1,112 @@
+"""Resuming a run: the pieces of trainer state that are not plain tensors, as pure functions.
+
+`Run.state_dict` (trainer.py) gathers the whole state; this module turns RNG states and
+dynamic-sampling groups into plain containers and tensors (so `torch.load(weights_only=True)`
+reads them back), builds the config of a resumed run, and trims the logs to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dapo.checkpoint import latest_checkpoint
+from dapo.config import DAPOConfig, run_changing_differences
+from dapo.errors import ConfigError, ResumeError
+from dapo.rollout import Group
+
+_GROUP_FIELDS = ("prompt_ids", "response_ids", "truncated", "completions", "scores", "task_reward", "reward",
+                 "advantages")
+
+
+# --- RNG --------------------------------------------------------------------------------------
+def capture_rng() -> dict[str, Any]:
+    """Every global RNG the run draws from: Python, NumPy, torch CPU and (if present) CUDA."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- dynamic-sampling groups ------------------------------------------------------------------
+def group_to_state(group: Group, record_index: int) -> dict[str, Any]:
+    """A Group as plain data; its dataset row is stored as an index into the training records."""
+    return {"record": record_index, **{name: getattr(group, name) for name in _GROUP_FIELDS}}
+
+
+def group_from_state(state: dict[str, Any], records: list[dict[str, Any]]) -> Group:
+    return Group(record=records[state["record"]], **{name: state[name] for name in _GROUP_FIELDS})
+
+
+# --- config -----------------------------------------------------------------------------------
+def find_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint of `run_dir`."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ResumeError(f"cannot resume: run directory {run_dir} does not exist")
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ResumeError(f"cannot resume: {run_dir} holds no complete checkpoint (checkpoints/step-*/COMPLETE)")
+    return checkpoint
+
+
+def resumed_config(run_dir: Path, overrides: dict[str, Any]) -> DAPOConfig:
+    """The config a resumed run trains with: the checkpoint's own config with `overrides` applied.
+
+    Raises ResumeError naming every field whose change would change the run.
+    """
+    run_dir = Path(run_dir)
+    if overrides.get("output_dir") not in (None, str(run_dir)):
+        raise ConfigError("--output-dir cannot be combined with --resume: the run directory is the one resumed")
+    saved = DAPOConfig.from_yaml(find_checkpoint(run_dir) / "dapo_config.yaml")
+    config = DAPOConfig.from_dict({**saved.to_dict(), **overrides, "output_dir": str(run_dir)})
+    check_resumable(saved, config)
+    return config
+
+
+def check_resumable(saved: DAPOConfig, requested: DAPOConfig) -> None:
+    differences = run_changing_differences(saved, requested)
+    if differences:
+        raise ResumeError("cannot resume with a config that changes the run; these fields differ from the "
+                          f"checkpoint: {'; '.join(differences)}. Start a new run instead, or change only "
+                          "logging, output, evaluation or train_steps")
+
+
+# --- logs -------------------------------------------------------------------------------------
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop the rows of a per-step JSON-lines log written after `step`, so a resumed run does not
+    log those steps twice. Rewritten atomically; a missing file is left missing."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and _row_step(line) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return float("inf")  # a torn last line from a killed process

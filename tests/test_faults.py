@@ -1,0 +1,192 @@
+"""Every bad input and fault this branch handles ends in one readable message (exit 2, no
+traceback unless --debug) or, for non-finite steps and signals, in the documented behaviour."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+
+import dapo.checkpoint
+import dapo.trainer
+from dapo import DAPOConfig
+from dapo.checkpoint import list_checkpoints
+from dapo.cli import main
+from dapo.errors import PromptTooLongError, TrainingDiverged
+from dapo.tasks import Task
+from dapo.trainer import Run
+from toy_run import TOY_OPTIONS, save_tiny_model, toy_task
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tokenizer, tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), tokenizer)
+
+
+def train(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
+    """`dapo train` on the tiny model: the digit task, one short step."""
+    return ["train", "--model", str(tiny_dir), "--output-dir", str(out), "--threads", "1", "--no-verbose",
+            "--group-size", "2", "--max-new-tokens", "2", "--mu", "1", "--train-steps", "1", "--eval-samples", "1",
+            "--no-dynamic-sampling", *extra]
+
+
+def fails_with(argv: list[str], capsys, message: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    # (transformers' own progress bars may share stderr; ours is the one "dapo:" line)
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "dapo:" in line]) == 1, err
+    return err
+
+
+def use_toy_task(monkeypatch) -> None:
+    monkeypatch.setattr(dapo.trainer, "build_task", lambda config: toy_task(config.task))
+
+
+# --- bad inputs -----------------------------------------------------------------------------
+def test_prompt_longer_than_max_prompt_len(tiny_dir, tmp_path, capsys):
+    fails_with(train(tiny_dir, tmp_path, "--max-prompt-len", "5"), capsys, "longer than max_prompt_len=5")
+
+
+def test_debug_shows_the_traceback(tiny_dir, tmp_path):
+    with pytest.raises(PromptTooLongError):
+        main(train(tiny_dir, tmp_path, "--max-prompt-len", "5", "--debug"))
+
+
+def test_dynamic_sampling_exhausted(tiny_dir, tmp_path, capsys):
+    # a random model never answers with a bare digit: every group scores all zeros
+    fails_with(train(tiny_dir, tmp_path, "--dynamic-sampling", "--max-num-gen-batches", "2"), capsys,
+               "dynamic sampling found only 0 of 1 groups with differing rewards in max_num_gen_batches=2")
+
+
+def test_nan_reward(tiny_dir, tmp_path, capsys, monkeypatch):
+    nan_task = Task("nan", [{"prompt": "Hi"}], [], {"broken": lambda prompts, completions, **_: [math.nan] * 2})
+    monkeypatch.setattr(dapo.trainer, "build_task", lambda config: nan_task)
+    fails_with(train(tiny_dir, tmp_path), capsys, "reward function 'broken' returned nan for completion 0")
+
+
+def test_model_directory_without_a_model(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    fails_with(train(tmp_path / "empty", tmp_path / "run"), capsys, f"could not load model '{tmp_path / 'empty'}'")
+
+
+# --- the run directory and the disk ------------------------------------------------------------
+def test_run_dir_under_a_file(tiny_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    fails_with(train(tiny_dir, tmp_path / "file" / "run"), capsys, "cannot create run directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
+def test_read_only_run_dir(tiny_dir, tmp_path, capsys):
+    tmp_path.chmod(0o500)
+    try:
+        fails_with(train(tiny_dir, tmp_path), capsys, "is not writable")
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_too_little_free_space_fails_before_training(tiny_dir, tmp_path, capsys, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(dapo.checkpoint.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
+    fails_with(train(tiny_dir, tmp_path), capsys, "only 1 MiB free")
+    assert not (tmp_path / "metrics.jsonl").exists()  # nothing ran
+
+
+def test_disk_full_while_writing_a_checkpoint(tiny_dir, tmp_path, capsys, monkeypatch):
+    real_save = torch.save
+
+    def save(obj, path, *a, **k):
+        if "step-000002" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: file write failed")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(dapo.checkpoint.torch, "save", save)
+    err = fails_with(train(tiny_dir, tmp_path, "--train-steps", "2", "--save-every", "1"), capsys,
+                     "could not write checkpoint")
+    assert "step-000002" in err and f"The previous checkpoint {tmp_path}/checkpoints/step-000001 is intact" in err
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # the partial write is gone
+
+
+def test_os_error_becomes_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
+    def full(self, step, metrics):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(dapo.trainer.MetricsLogger, "log", full)
+    fails_with(train(tiny_dir, tmp_path), capsys, f"No space left on device ({tmp_path / 'metrics.jsonl'})")
+
+
+# --- resuming ---------------------------------------------------------------------------------
+def test_resume_checks(tiny_dir, tmp_path, capsys):
+    fails_with(["train", "--resume", str(tmp_path / "nope")], capsys, "does not exist")
+    (tmp_path / "empty").mkdir()
+    fails_with(["train", "--resume", str(tmp_path / "empty")], capsys, "holds no complete checkpoint")
+
+    run = tmp_path / "run"
+    assert main(train(tiny_dir, run)) == 0
+    capsys.readouterr()
+    fails_with(["train", "--resume", str(run), "--group-size", "4", "--lr", "0.1", "--no-verbose"], capsys,
+               "these fields differ from the checkpoint: group_size: 2 -> 4; lr: 2e-05 -> 0.1.")
+    fails_with(["train", "--resume", str(run)], capsys, "already reached step 1 (train_steps=1)")
+    fails_with(["train", "--resume", str(run), "--output-dir", str(tmp_path / "other")], capsys,
+               "--output-dir cannot be combined with --resume")
+    # logging, evaluation and a longer run are fine
+    assert main(["train", "--resume", str(run), "--train-steps", "2", "--verbose", "--eval-samples", "3"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+# --- signals ----------------------------------------------------------------------------------
+def test_second_ctrl_c_exits_at_once(tiny_dir, tmp_path, capsys, monkeypatch):
+    use_toy_task(monkeypatch)
+    monkeypatch.setenv("TOY_SIGNAL", "SIGINT")
+    monkeypatch.setenv("TOY_SIGNAL_AT_CALLS", "1,2")  # two groups of train step 1's one generation round
+    assert main(train(tiny_dir, tmp_path, "--gen-batch-size", "2", "--save-every", "1", "--train-steps", "3")) == 130
+    err = capsys.readouterr().err
+    assert "SIGINT received; stopping after train step 1" in err and "dapo: interrupted" in err
+    assert list_checkpoints(tmp_path) == [] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+# --- non-finite loss --------------------------------------------------------------------------
+def nan_on_calls(monkeypatch, bad) -> None:
+    """Make policy_loss return NaN on the optimizer steps (calls, counted from 1) in `bad`."""
+    real, calls = dapo.trainer.policy_loss, [0]
+
+    def policy_loss(*args, **kwargs):
+        calls[0] += 1
+        loss, metrics = real(*args, **kwargs)
+        return (loss * math.nan if bad(calls[0]) else loss), metrics
+
+    monkeypatch.setattr(dapo.trainer, "policy_loss", policy_loss)
+
+
+def toy_run(tmp_path: Path, **changes) -> Run:
+    return Run(DAPOConfig(**{**TOY_OPTIONS, "output_dir": str(tmp_path), **changes}), task=toy_task())
+
+
+def test_one_non_finite_step_is_skipped_and_counted(tiny_dir, tmp_path, capsys, monkeypatch):
+    nan_on_calls(monkeypatch, lambda call: call == 2)
+    run = toy_run(tmp_path, model=str(tiny_dir), train_steps=2)
+    result = run.train()
+    assert [m["skipped_steps"] for m in result.metrics] == [1, 0]
+    assert run.optimizer_steps == 2 * 4 - 1 and run.skipped_steps == 1
+    assert "optimizer step skipped (1 in a row, the run stops at 3)" in capsys.readouterr().err
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+def test_non_finite_steps_in_a_row_stop_the_run(tiny_dir, tmp_path, monkeypatch):
+    nan_on_calls(monkeypatch, lambda call: call > 4)  # train step 1 (4 optimizer steps) is fine
+    run = toy_run(tmp_path, model=str(tiny_dir), save_every=1)
+    with pytest.raises(TrainingDiverged, match=f"3 optimizer steps in a row had a non-finite loss.*train step 2.*"
+                                               f"last good checkpoint is {tmp_path}/checkpoints/step-000001"):
+        run.train()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step-000001")

@@ -1,0 +1,71 @@
+"""A toy task for resume tests: several prompts and a reward that a tiny random model gets with
+varying scores, so dynamic sampling keeps groups and every optimizer step moves the weights.
+
+Run as a script it is `dapo` with this task in place of the built-in one (this branch's CLI has
+no way to name a reward function), and with one fault to inject:
+    TOY_SIGNAL_AT_CALLS=N[,M]  the process sends itself TOY_SIGNAL (default SIGTERM) in the N-th
+                               (and M-th) reward call, i.e. in the middle of a train step.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from dapo.models import tiny_model
+from dapo.tasks import Task
+
+PROMPTS = [{"prompt": f"Say a word that starts with letter {c}."} for c in "abcde"]
+
+
+def toy_task(name: str = "toy") -> Task:
+    # Reward functions run in a forked worker process (for their time limit): count calls in shared
+    # memory and signal the trainer's process, not the worker.
+    calls = mp.get_context("fork").Value("i", 0)
+    trainer_pid = os.getpid()
+
+    def length_reward(prompts, completions, **_):
+        """Characters mod 3: differs within almost every group of a random model's answers."""
+        with calls.get_lock():
+            calls.value += 1
+            n = calls.value
+        if str(n) in os.environ.get("TOY_SIGNAL_AT_CALLS", "").split(","):
+            os.kill(trainer_pid, signal.Signals[os.environ.get("TOY_SIGNAL", "SIGTERM")])
+        return [float(len(c) % 3) for c in completions]
+
+    return Task("toy", PROMPTS, [], {"length": length_reward})
+
+
+# Options shared by every resume test: gen_batch_size > train_batch_size leaves groups in the
+# dynamic-sampling buffer across steps; two mini-batches, mu 2, warm-up and a cosine schedule
+# exercise the optimizer and scheduler state.
+TOY_OPTIONS = dict(group_size=4, max_new_tokens=3, train_batch_size=2, gen_batch_size=3, mini_batch_size=1, mu=2,
+                   lr=1e-3, warmup_steps=2, lr_schedule="cosine", train_steps=4, threads=1, verbose=False,
+                   eval_samples=2)
+
+
+def save_tiny_model(path: Path, tokenizer: Any) -> Path:
+    """The tiny random Llama (real tokenizer) as a Hugging Face directory, for `--model DIR`."""
+    tiny_model(len(tokenizer), seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def toy_argv() -> list[str]:
+    out = []
+    for k, v in TOY_OPTIONS.items():
+        flag = "--" + k.replace("_", "-")
+        out += ([flag] if v is True else [f"--no-{flag[2:]}"] if v is False else [flag, str(v)])
+    return out
+
+
+if __name__ == "__main__":
+    import dapo.trainer
+    from dapo.cli import main
+
+    dapo.trainer.build_task = lambda config: toy_task(config.task)
+    sys.exit(main(sys.argv[1:]))
