@@ -310,3 +310,16 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{name} must be a string, got {value!r}")
         return value
     return value
+
+
+def markdown_table() -> str:
+    """The README's field reference, generated from the help strings:
+    python -c "from dapo.config import markdown_table; print(markdown_table())"
+    """
+    from dataclasses import MISSING
+
+    rows = ["| field | default | meaning |", "|---|---|---|"]
+    for f in fields(DAPOConfig):
+        default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+        rows.append(f"| `{f.name}` | `{default}` | {f.metadata['help']} |")
+    return "\n".join(rows)

@@ -19,6 +19,7 @@ import torch
 from dapo.checkpoint import latest_checkpoint
 from dapo.data import Record, encode_prompt
 from dapo.errors import DataError, ModelLoadError
+from dapo.models import stop_token_ids
 from dapo.rewards import RewardFn, RewardFunction, score_group
 from dapo.rollout import generate
 
@@ -75,7 +76,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     k = 1 if temperature == 0 else k
-    eos = {tokenizer.eos_token_id}
+    eos = stop_token_ids(model, tokenizer)
     prompts = [encode_prompt(tokenizer, r["prompt"], system_prompt, max_prompt_len) for r in records]
     outs = generate(model, prompts, k, max_new_tokens, eos, tokenizer.pad_token_id, temperature, top_p)
     model.train(was_training)

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -110,6 +111,15 @@ def _load_message(name: str, e: Exception) -> str:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return (f"could not load model {name!r} ({type(e).__name__}: {first_line}); pass a local directory "
             "with config.json, a Hugging Face id reachable from here, or 'default'")
+
+
+def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    """The tokenizer's EOS plus any the generation config lists (chat models often end a turn with
+    a token other than the tokenizer's EOS, e.g. Llama 3's <|eot_id|>)."""
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else [])
+    return {i for i in ids if i is not None}
 
 
 def pick_device(device: str) -> torch.device:

@@ -39,7 +39,7 @@ from dapo.evaluate import evaluate
 from dapo.logprobs import pack, pad_stack, plan_micro_batches, split_by_response, token_logprobs
 from dapo.loss import policy_loss
 from dapo.metrics import MetricsLogger, sample_rows
-from dapo.models import load_model, load_tokenizer, pick_device
+from dapo.models import load_model, load_tokenizer, pick_device, stop_token_ids
 from dapo.progress import NullProgress, Progress, make_progress
 from dapo.resume import (capture_rng, check_resumable, group_from_state, group_to_state, restore_rng,
                          truncate_jsonl)
@@ -80,7 +80,7 @@ class Run:
             self.ref_model = load_model(c.model, c.dtype, self.device).eval().requires_grad_(False)
         self.sampler = PromptSampler(self.task.train, seed=c.seed)
         self.buffer: DynamicSamplingBuffer[Group] = DynamicSamplingBuffer(c.train_batch_size)
-        self.eos_ids = {self.tokenizer.eos_token_id}
+        self.eos_ids = stop_token_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         # fused AdamW is 4x faster than the per-tensor loop on CPU (0.08 s vs 0.36 s a step for 135M).
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=tuple(c.adam_betas),
@@ -96,6 +96,8 @@ class Run:
         self.run_dir = Path(c.output_dir or f"runs/{c.task if c.data is None else 'data'}-"
                             f"{datetime.now():%Y%m%d-%H%M%S}")
         self._prompt_cache: dict[int, list[int]] = {}
+        for record in self.task.train:  # a prompt over max_prompt_len fails now, not hours into the run
+            self.prompt_ids(record)
         self.progress: Progress = NullProgress()  # train() swaps in the display for --no-verbose
 
     def say(self, line: str) -> None:
