@@ -7,7 +7,7 @@ from dapo.errors import ConfigError
 
 def test_defaults_are_the_seed_example():
     c = DAPOConfig()
-    assert (c.task, c.train_steps, c.grad_steps_per_train_step, c.max_new_tokens) == ("digit", 6, 5, 4)
+    assert (c.task, c.train_steps, c.grad_steps_per_train_step, c.max_new_tokens) == ("digit", 10, 5, 4)
     assert (c.eps_low, c.eps_high, c.kl_coef, c.loss_agg) == (0.2, 0.28, 0.0, "token-mean")
 
 

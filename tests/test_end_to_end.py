@@ -13,8 +13,8 @@ def test_digit_example_learns_to_answer_five(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for line in ("-- Generating rollouts", "-- Training", "Grad step 1/5 in train step 1/6 completed. Objective: ",
-                 "Grad step 5/5 in train step 6/6 completed."):
+    for line in ("-- Generating rollouts", "-- Training", "Grad step 1/5 in train step 1/10 completed. Objective: ",
+                 "Grad step 5/5 in train step 1/10 completed."):
         assert line in out
     assert re.search(r"^Reward: \d\.\d{3}; Response: ", out, re.M)
     match = re.search(r'exactly "5" ([\d.]+) before training, ([\d.]+) after', out)
@@ -22,4 +22,6 @@ def test_digit_example_learns_to_answer_five(tmp_path):
     before, after = map(float, match.groups())
     assert before < 0.2
     assert after >= 0.8
-    assert (tmp_path / "run" / "checkpoints" / "step-000006" / "model.safetensors").is_file()
+    # 10 steps, or fewer when dynamic sampling finds every answer correct ("Stopping early ... solves")
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step-*/model.safetensors"))
+    assert checkpoints, "no checkpoint written"

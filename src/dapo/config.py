@@ -4,7 +4,9 @@ Every field has a one-line help string; `dapo train --help` and the README table
 generated from these strings, so this file is the single source of truth.
 
 Defaults reproduce the seed example: the single "digit" prompt on the embedded
-SmolLM2-135M-Instruct, 6 train steps of 5 gradient steps each.
+SmolLM2-135M-Instruct, 5 gradient steps per train step. The seed ran 6 train steps of 25 samples;
+we sample G = 32 and run 10 steps, which reached >= 0.8 "5" answers on every seed we tried (with 16
+samples and 6 steps, only some seeds did: the clip range bounds how far each step moves).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class DAPOConfig:
                                                  group="data")
 
     # --- rollout -----------------------------------------------------------------------
-    group_size: int = _f(16, "G: responses sampled per prompt.", group="rollout")
+    group_size: int = _f(32, "G: responses sampled per prompt.", group="rollout")
     train_batch_size: int = _f(1, "Groups (prompts) with reward signal per train step.", group="rollout")
     gen_batch_size: int = _f(1, "Prompts drawn per generation round of dynamic sampling.", group="rollout")
     max_num_gen_batches: int = _f(64, "Cap on generation rounds per train step; when reached without "
@@ -101,7 +103,7 @@ class DAPOConfig:
                         group="loss")
 
     # --- optimisation ------------------------------------------------------------------
-    train_steps: int = _f(6, "Train steps: each gathers one rollout batch and updates on it.", group="optim")
+    train_steps: int = _f(10, "Train steps: each gathers one rollout batch and updates on it.", group="optim")
     mu: int = _f(5, "Passes over each rollout batch (the paper's mu); grad steps per train step = "
                  "mu * ceil(train_batch_size / mini_batch_size).", group="optim")
     mini_batch_size: int = _f(0, "Groups per optimizer step; 0 means train_batch_size.", group="optim")
