@@ -7,6 +7,8 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 ARGS   ?=
 
+TRL_VENV ?= .bench-venv-trl
+
 .PHONY: install train test bench clean
 
 install: $(VENV)/.installed
@@ -22,6 +24,14 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest $(ARGS)
+
+# The benchmarks of benchmarks/README.md; TRL goes into its own virtualenv.
+bench: install
+	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -c "import trl" 2>/dev/null || $(TRL_VENV)/bin/pip install -q -r benchmarks/trl_requirements.txt
+	$(BIN)/python benchmarks/digit_time_to_learn.py --trl-python $(TRL_VENV)/bin/python
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -95,12 +95,12 @@ def main() -> None:
             print(f"| {prompt_len} | {G} | {tokens / gen:.0f} | {tokens / shared:.0f} | {tokens / plain:.0f} | "
                   f"{plain / shared:.1f}x | {mfu:.0%} |", flush=True)
 
-    print("\nWhere one train step's time goes (digit task shape: prompt 54, G 16, responses 4; and prompt 256, "
+    print("\nWhere one train step's time goes (digit task shape: prompt 54, G 32, responses 4; and prompt 256, "
           "G 16, responses 32; mu = 5 gradient steps):")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
     print("| shape | generation | old log-probs | fwd+bwd x5 | optimizer x5 | total |")
     print("|---|---|---|---|---|---|")
-    for prompt_len, G, resp in [(54, 16, 4), (256, 16, 32)]:
+    for prompt_len, G, resp in [(54, 32, 4), (256, 16, 32)]:
         groups = make_groups(prompt_len, G, resp)
         gen = timed(lambda: generate(model, [groups[0].prompt_ids], G, resp, set(), 2), repeats=1)
         old = timed(lambda: train_pass(model, groups, True, args.budget, backward=False), repeats=2)

@@ -6,7 +6,9 @@ optimizer step a callback samples 32 answers at temperature 1 and stops training
 soon as at least 80% of them are exactly "5", or once --max-seconds of training time
 have passed. Run it inside the TRL virtualenv (see benchmarks/trl_requirements.txt):
 
-    python benchmarks/trl_digit.py --model /tmp/smol/conv --seed 0 --out trl.json
+    python benchmarks/trl_digit.py --model ~/.cache/dapo/SmolLM2-135M-Instruct --seed 0 --out trl.json
+
+(benchmarks/digit_time_to_learn.py runs it for you, next to dapo.)
 """
 
 from __future__ import annotations

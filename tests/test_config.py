@@ -7,7 +7,7 @@ from dapo.errors import ConfigError
 
 def test_defaults_are_the_seed_example():
     c = DAPOConfig()
-    assert (c.task, c.train_steps, c.grad_steps_per_train_step, c.max_new_tokens) == ("digit", 10, 5, 4)
+    assert (c.task, c.train_steps, c.grad_steps_per_train_step, c.max_new_tokens) == ("digit", 12, 2, 4)
     assert (c.eps_low, c.eps_high, c.kl_coef, c.loss_agg) == (0.2, 0.28, 0.0, "token-mean")
 
 
@@ -57,3 +57,12 @@ def test_cli_reports_bad_value_without_traceback(capsys):
 def test_cli_missing_model_path(capsys, tmp_path):
     assert main(["train", "--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "run")]) == 2
     assert "model path" in capsys.readouterr().err
+
+
+def test_readme_documents_every_field():
+    from dataclasses import fields
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [f.name for f in fields(DAPOConfig) if f"| `{f.name}` |" not in readme]
+    assert not missing, f"README config table lacks {missing}; regenerate it with dapo.config.markdown_table()"

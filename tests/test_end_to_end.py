@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from dapo import DAPOConfig
+
 
 @pytest.mark.slow
 def test_digit_example_learns_to_answer_five(tmp_path):
@@ -13,8 +15,10 @@ def test_digit_example_learns_to_answer_five(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for line in ("-- Generating rollouts", "-- Training", "Grad step 1/5 in train step 1/10 completed. Objective: ",
-                 "Grad step 5/5 in train step 1/10 completed."):
+    c = DAPOConfig()
+    for line in ("-- Generating rollouts", "-- Training",
+                 f"Grad step 1/{c.mu} in train step 1/{c.train_steps} completed. Objective: ",
+                 f"Grad step {c.mu}/{c.mu} in train step 2/{c.train_steps} completed."):
         assert line in out
     assert re.search(r"^Reward: \d\.\d{3}; Response: ", out, re.M)
     match = re.search(r'exactly "5" ([\d.]+) before training, ([\d.]+) after', out)
