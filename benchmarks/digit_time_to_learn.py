@@ -58,7 +58,11 @@ def run_trl(seed: int, max_seconds: float, python: str) -> dict:
         out = Path(tmp) / "trl.json"
         cmd = [python, str(Path(__file__).parent / "trl_digit.py"), "--model", str(default_model_dir()),
                "--seed", str(seed), "--max-seconds", str(max_seconds), "--out", str(out)]
-        subprocess.run(cmd, check=True)
+        log = Path(tmp) / "trl.log"
+        with log.open("w") as f:  # TRL prints a dict per step; keep our lines readable
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise SystemExit(f"TRL run failed:\n{log.read_text()[-3000:]}")
         return json.loads(out.read_text())
 
 
