@@ -13,6 +13,7 @@ import math
 import multiprocessing as mp
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -230,6 +231,11 @@ def call_reward(fn: RewardFn, prompts: Sequence[Any], completions: Sequence[Any]
 
 
 def _worker(conn: Any, fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    # A terminal's Ctrl-C reaches the whole process group: the trainer decides what to do with
+    # it (finish the step, checkpoint), so the worker must neither die nor run the trainer's
+    # inherited handler. SIGTERM/SIGKILL from the parent still end it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         result = fn(**kwargs)
         conn.send(("ok", list(result) if result is not None and not isinstance(result, (str, bytes)) else result))
