@@ -54,8 +54,11 @@ def main() -> None:
         for shared, budget in [(1, args.budget), (0, 1 << 30)]:
             cmd = [sys.executable, __file__, "--prompt-len", str(args.prompt_len), "--response-len",
                    str(args.response_len), "--child", str(groups_n), str(G), str(shared), str(budget)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            r = json.loads(out)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:  # the kernel's OOM killer: exactly what a token budget prevents
+                row.append("killed (out of memory)" if proc.returncode == -9 else f"failed ({proc.returncode})")
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
             row.append(f"{r['peak_mib']:.0f} MiB (+{r['peak_mib'] - r['model_mib']:.0f})")
         plain_tokens = groups_n * G * (args.prompt_len + args.response_len)
         print(f"| {groups_n} x {G} | {row[0]} | {row[1]} | {plain_tokens} |", flush=True)
