@@ -132,7 +132,7 @@ def test_resume_checks(tiny_dir, tmp_path, capsys):
     assert main(train(tiny_dir, run)) == 0
     capsys.readouterr()
     fails_with(["train", "--resume", str(run), "--group-size", "4", "--lr", "0.1", "--no-verbose"], capsys,
-               "these fields differ from the checkpoint: group_size: 2 -> 4; lr: 2e-05 -> 0.1.")
+               f"these fields differ from the checkpoint: group_size: 2 -> 4; lr: {DAPOConfig().lr!r} -> 0.1.")
     fails_with(["train", "--resume", str(run)], capsys, "already reached step 1 (train_steps=1)")
     fails_with(["train", "--resume", str(run), "--output-dir", str(tmp_path / "other")], capsys,
                "--output-dir cannot be combined with --resume")
