@@ -18,7 +18,7 @@ import dapo.trainer
 from dapo import DAPOConfig
 from dapo.checkpoint import list_checkpoints
 from dapo.cli import main
-from dapo.errors import PromptTooLongError, TrainingDiverged
+from dapo.errors import PromptTooLongError, RewardError, TrainingDiverged
 from dapo.tasks import Task
 from dapo.trainer import Run
 from toy_run import TOY_OPTIONS, save_tiny_model, toy_task
@@ -190,3 +190,21 @@ def test_non_finite_steps_in_a_row_stop_the_run(tiny_dir, tmp_path, monkeypatch)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step-000001")
+
+
+def test_reward_error_mid_run_keeps_the_trained_steps(tmp_path, tiny, tokenizer):
+    """A reward function that breaks at train step 2 stops the run; step 1's training is saved."""
+    calls = [0]
+
+    def breaks_later(prompts, completions, **_):
+        calls[0] += 1
+        if calls[0] > 3:  # train step 1 draws 3 prompts (gen_batch_size 3); step 2 fails
+            raise ValueError("database went away")
+        return [float(len(c) % 3) for c in completions]
+
+    task = Task("late", toy_task().train, [], {"breaks_later": breaks_later})
+    run = Run(DAPOConfig(**{**TOY_OPTIONS, "output_dir": str(tmp_path), "reward_timeout": 0.0}), task=task,
+              model=tiny, tokenizer=tokenizer)
+    with pytest.raises(RewardError, match="'breaks_later' raised ValueError: database went away"):
+        run.train()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]

@@ -34,7 +34,7 @@ from dapo.checkpoint import (check_run_dir, checkpoint_dir, checkpoint_step, est
                              latest_checkpoint, load_trainer_state, remove_stale_tmp, save_checkpoint)
 from dapo.config import DAPOConfig
 from dapo.data import PromptSampler, Record, encode_prompt
-from dapo.errors import DynamicSamplingExhausted, ResumeError, TrainingDiverged, TrainingInterrupted
+from dapo.errors import DapoError, DynamicSamplingExhausted, ResumeError, TrainingDiverged, TrainingInterrupted
 from dapo.evaluate import evaluate
 from dapo.logprobs import pack, pad_stack, plan_micro_batches, split_by_response, token_logprobs
 from dapo.loss import policy_loss
@@ -391,8 +391,6 @@ class Run:
                     batch, stats = self.collect_batch()
                 except DynamicSamplingExhausted as e:
                     if not e.solved:
-                        if self.step:
-                            self.save()  # nothing trained is lost
                         raise
                     print(f"-- Stopping early at train step {self.step + 1}: {e}", flush=True)
                     break
@@ -424,6 +422,14 @@ class Run:
             progress.phase("Evaluating after training")
             after = self._evaluate_and_log(logger, trackers, "after training")
             ckpt = self.save()
+        except DapoError as e:
+            # Nothing trained is lost: a run stopped by bad input (a reward function that raises,
+            # dynamic sampling exhausted...) keeps its last completed step. A diverged run keeps
+            # pointing at its last good checkpoint instead.
+            if (self.step and not isinstance(e, (TrainingDiverged, TrainingInterrupted))
+                    and latest_checkpoint(self.run_dir) != checkpoint_dir(self.run_dir, self.step)):
+                self.save()
+            raise
         finally:
             progress.close()
             trackers.close()
