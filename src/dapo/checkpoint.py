@@ -5,6 +5,7 @@ place, so it is either complete or absent."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -125,7 +126,8 @@ def check_run_dir(run_dir: Path, checkpoint_bytes: int) -> None:
             os.fsync(f.fileno())
         probe.unlink()
     except OSError as e:
-        probe.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the cleanup must not hide the real reason
+            probe.unlink(missing_ok=True)
         raise RunDirError(f"run directory {run_dir} is not writable: {_reason(e)}") from e
     free = shutil.disk_usage(run_dir).free
     if free < checkpoint_bytes:
