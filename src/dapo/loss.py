@@ -65,13 +65,6 @@ def kl_k3(log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1.0
 
 
-def _kl_to_ref(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # Mask the difference before exp(): a NaN at a masked position would otherwise reach the
-    # gradient as 0 * NaN.
-    delta = _masked(ref_log_prob - log_prob, mask)
-    return torch.exp(delta) - delta - 1.0
-
-
 def policy_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
@@ -109,11 +102,10 @@ def policy_loss(
     mask = response_mask.bool()
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(log_prob)
-    # Masked positions may hold garbage (inf, nan): neutralise them before exp() so no NaN
-    # can leak into the gradient through 0 * inf.
-    # Clamped as in verl: a finite log-ratio beyond ~88 overflows exp() in float32, and inf * A (or
-    # the 0 * inf of the clipped branch's backward) turns loss or gradient into inf/NaN. A token whose
-    # probability moved by more than e^20 is clipped anyway; it contributes no gradient.
+    # Masked positions may hold garbage (inf, nan): neutralise them before exp() so no NaN can leak
+    # into the gradient through 0 * inf. Clamped as in verl: a finite log-ratio beyond ~88 overflows
+    # exp() in float32, and inf * A (or the 0 * inf of the clipped branch's backward) turns loss or
+    # gradient into inf/NaN; a token whose probability moved by more than e^20 is clipped anyway.
     log_ratio = torch.clamp(_masked(log_prob - old_log_prob, mask), -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     advantages = _masked(advantages, mask)
     ratio = torch.exp(log_ratio)
@@ -124,8 +116,12 @@ def policy_loss(
         dual = torch.maximum(objective, clip_ratio_c * advantages)
         objective = torch.where(advantages < 0, dual, objective)
     token_loss = -objective
+    kl_ref = None
     if ref_log_prob is not None and kl_coef > 0:
-        token_loss = token_loss + kl_coef * _kl_to_ref(log_prob, ref_log_prob, mask)
+        # Masked before exp(), as above: a NaN at a masked position would otherwise reach the
+        # gradient as 0 * NaN.
+        kl_ref = kl_k3(_masked(log_prob, mask), _masked(ref_log_prob, mask))
+        token_loss = token_loss + kl_coef * kl_ref
     loss = aggregate_loss(token_loss, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=norm_len)
 
     with torch.no_grad():
@@ -135,8 +131,9 @@ def policy_loss(
         metrics = {
             "clip_frac_low": low.sum() / n,
             "clip_frac_high": high.sum() / n,
-            "approx_kl": _masked(torch.exp(-log_ratio) + log_ratio - 1.0, mask).sum() / n,
+            # log_ratio is log pi - log pi_old, so this is k3 of KL(old || new), 0 where masked
+            "approx_kl": kl_k3(log_ratio, torch.zeros_like(log_ratio)).sum() / n,
         }
-        if ref_log_prob is not None and kl_coef > 0:
-            metrics["kl_ref"] = _kl_to_ref(log_prob, ref_log_prob, mask).sum() / n
+        if kl_ref is not None:
+            metrics["kl_ref"] = kl_ref.sum() / n
     return loss, metrics
