@@ -12,7 +12,7 @@ def vowel_reward(prompts, completions, **_):
 
 
 def sequence_logprobs(run: Run, groups) -> dict:
-    lps = run._logprobs_no_grad(run.model, groups, list(range(len(groups))))
+    lps = run._logprobs_no_grad(run.model, run.micro_batches(groups, list(range(len(groups)))))
     return {k: float(v.sum()) for k, v in lps.items()}
 
 

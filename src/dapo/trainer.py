@@ -241,9 +241,9 @@ class Run:
         return {(gi, ri) for gi, g in enumerate(groups) for ri, t in enumerate(g.truncated) if t}
 
     @torch.no_grad()
-    def _logprobs_no_grad(self, model: torch.nn.Module, groups: list[Group], ids: list[int]) -> dict[tuple[int, int], torch.Tensor]:
+    def _logprobs_no_grad(self, model: torch.nn.Module, micro_batches: list[Any]) -> dict[tuple[int, int], torch.Tensor]:
         out = {}
-        for packed in self.micro_batches(groups, ids):
+        for packed in micro_batches:
             lp, _ = token_logprobs(model, packed, self.config.temperature)
             for (gi, ri, _), t in zip(packed.owner, split_by_response(lp, packed.owner)):
                 out[(gi, ri)] = t
@@ -254,12 +254,15 @@ class Run:
         c = self.config
         mb = c.groups_per_mini_batch
         mini_batches = [list(range(i, min(i + mb, len(groups)))) for i in range(0, len(groups), mb)]
+        plans = [self.micro_batches(groups, ids) for ids in mini_batches]  # packed once, used every pass
         # Old-policy log-probs, needed from the second optimizer step on. The first mini-batch of
         # the first pass runs before any update, so its own forward gives them exactly (ratio 1).
-        old = {}
-        for ids in mini_batches[1:]:
-            old.update(self._logprobs_no_grad(self.model, groups, ids))
-        ref = self._logprobs_no_grad(self.ref_model, groups, list(range(len(groups)))) if self.ref_model else {}
+        old, ref = {}, {}
+        for plan in plans[1:]:
+            old.update(self._logprobs_no_grad(self.model, plan))
+        if self.ref_model is not None:
+            for plan in plans:
+                ref.update(self._logprobs_no_grad(self.ref_model, plan))
         filtered = self._filtered(groups)
         sums: dict[str, float] = {}
         tokens_trained = 0
@@ -271,7 +274,7 @@ class Run:
                         if (gi, ri) not in filtered and groups[gi].response_ids[ri]]
                 num_tokens = sum(len(groups[gi].response_ids[ri]) for gi, ri in kept)
                 objective, entropy_sum, metric_sums = 0.0, 0.0, {}
-                for packed in self.micro_batches(groups, ids):
+                for packed in plans[mbi]:
                     lp, ent = token_logprobs(self.model, packed, c.temperature, with_entropy=epoch == 0)
                     per_resp = split_by_response(lp, packed.owner)
                     if first:
