@@ -5,7 +5,7 @@ import json
 from dapo import DAPOConfig
 from dapo.cli import main
 from dapo.metrics import read_evals, read_metrics
-from dapo.trainer import Run
+from dapo.trainer import Trainer
 
 REWARDS = '''
 def short(prompts, completions, answer, **kw):
@@ -25,7 +25,7 @@ def test_train_on_file_then_eval_run_dir(tokenizer, tiny, tmp_path, capsys):
                         group_size=4, gen_batch_size=2, train_batch_size=2, max_new_tokens=3, train_steps=2, mu=1,
                         eval_samples=2, eval_every=1, dynamic_sampling=False, verbose=False, threads=1,
                         output_dir=str(tmp_path / "run"))
-    result = Run(config, model=tiny, tokenizer=tokenizer).train()
+    result = Trainer(config, model=tiny, tokenizer=tokenizer).fit()
     rows_logged = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows_logged] == [1, 2]
     for key in ("reward/short", "reward/numeric", "reward_errors", "gen_rounds", "groups_kept", "prompts_consumed",

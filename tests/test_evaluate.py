@@ -28,8 +28,10 @@ def test_summarize_by_hand():
 
 
 def first_n_correct(prompts, completions, n, **_):
-    """Marks the first n[i] samples correct, whatever they say: a deterministic judge."""
-    return [1.0 if i < n[0] else 0.0 for i in range(len(completions))]
+    """Marks the first n of each record's 4 samples correct, whatever they say: a deterministic
+    judge. One call gets every record's samples, in order (TRL's convention)."""
+    k = 4 if len(completions) == 4 * len(set(map(str, prompts))) else 1  # sampled, or greedy
+    return [1.0 if i % k < n[i] else 0.0 for i in range(len(completions))]
 
 
 RECORDS = [{"prompt": "a", "n": 3, "level": "x"}, {"prompt": "b", "n": 0, "level": "x"},

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dapo.actor
 import dapo.checkpoint
 import dapo.trainer
 from dapo import DAPOConfig
@@ -19,7 +20,7 @@ from dapo.checkpoint import list_checkpoints
 from dapo.cli import main
 from dapo.errors import PromptTooLongError, RewardError, TrainingDiverged
 from dapo.tasks import Task
-from dapo.trainer import Run
+from dapo.trainer import Trainer
 from toy_run import TOY_OPTIONS, save_tiny_model, toy_task
 
 
@@ -153,26 +154,26 @@ def test_second_ctrl_c_exits_at_once(tiny_dir, tmp_path, capsys, monkeypatch):
 # --- non-finite loss --------------------------------------------------------------------------
 def nan_on_calls(monkeypatch, bad) -> None:
     """Make policy_loss return NaN on the optimizer steps (calls, counted from 1) in `bad`."""
-    real, calls = dapo.trainer.policy_loss, [0]
+    real, calls = dapo.actor.policy_loss, [0]
 
     def policy_loss(*args, **kwargs):
         calls[0] += 1
         loss, metrics = real(*args, **kwargs)
         return (loss * math.nan if bad(calls[0]) else loss), metrics
 
-    monkeypatch.setattr(dapo.trainer, "policy_loss", policy_loss)
+    monkeypatch.setattr(dapo.actor, "policy_loss", policy_loss)
 
 
-def toy_run(tmp_path: Path, **changes) -> Run:
-    return Run(DAPOConfig(**{**TOY_OPTIONS, "output_dir": str(tmp_path), **changes}), task=toy_task())
+def toy_run(tmp_path: Path, **changes) -> Trainer:
+    return Trainer(DAPOConfig(**{**TOY_OPTIONS, "output_dir": str(tmp_path), **changes}), task=toy_task())
 
 
 def test_one_non_finite_step_is_skipped_and_counted(tiny_dir, tmp_path, capsys, monkeypatch):
     nan_on_calls(monkeypatch, lambda call: call == 2)
     run = toy_run(tmp_path, model=str(tiny_dir), train_steps=2)
-    result = run.train()
+    result = run.fit()
     assert [m["skipped_steps"] for m in result.metrics] == [1, 0]
-    assert run.optimizer_steps == 2 * 4 - 1 and run.skipped_steps == 1
+    assert run.actor.optimizer_steps == 2 * 4 - 1 and run.actor.skipped_steps == 1
     assert "optimizer step skipped (1 in a row, the run stops at 3)" in capsys.readouterr().err
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
 
@@ -182,7 +183,7 @@ def test_non_finite_steps_in_a_row_stop_the_run(tiny_dir, tmp_path, monkeypatch)
     run = toy_run(tmp_path, model=str(tiny_dir), save_every=1)
     with pytest.raises(TrainingDiverged, match=f"3 optimizer steps in a row had a non-finite loss.*train step 2.*"
                                                f"last good checkpoint is {tmp_path}/checkpoints/step-000001"):
-        run.train()
+        run.fit()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
     from transformers import AutoModelForCausalLM
 
@@ -195,13 +196,13 @@ def test_reward_error_mid_run_keeps_the_trained_steps(tmp_path, tiny, tokenizer)
 
     def breaks_later(prompts, completions, **_):
         calls[0] += 1
-        if calls[0] > 3:  # train step 1 draws 3 prompts (gen_batch_size 3); step 2 fails
+        if calls[0] > 1:  # one call scores train step 1's one round of 3 prompts; step 2's round fails
             raise ValueError("database went away")
         return [float(len(c) % 3) for c in completions]
 
     task = Task("late", toy_task().train, [], {"breaks_later": breaks_later})
-    run = Run(DAPOConfig(**{**TOY_OPTIONS, "output_dir": str(tmp_path), "reward_timeout": 0.0}), task=task,
+    run = Trainer(DAPOConfig(**{**TOY_OPTIONS, "output_dir": str(tmp_path), "reward_timeout": 0.0}), task=task,
               model=tiny, tokenizer=tokenizer)
     with pytest.raises(RewardError, match="'breaks_later' raised ValueError: database went away"):
-        run.train()
+        run.fit()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]

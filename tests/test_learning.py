@@ -2,18 +2,18 @@
 
 import torch
 
-from dapo import DAPOConfig
+from dapo import DAPOConfig, group_advantages
 from dapo.tasks import Task
-from dapo.trainer import Run
+from dapo.trainer import Trainer
 
 
 def vowel_reward(prompts, completions, **_):
     return [1.0 if c.strip()[:1].lower() in ("a", "e", "i", "o", "u") and c.strip() else 0.0 for c in completions]
 
 
-def sequence_logprobs(run: Run, groups) -> dict:
-    lps = run._logprobs_no_grad(run.model, run.micro_batches(groups, list(range(len(groups)))))
-    return {k: float(v.sum()) for k, v in lps.items()}
+def sequence_logprobs(run: Trainer, batch) -> dict:
+    lps = run.actor.logprobs(run.actor.pack(batch, list(range(len(batch))), batch.loss_mask(False)))
+    return {row: float(v.sum()) for row, v in lps.items()}
 
 
 def test_rewarded_answers_become_more_likely(tokenizer, tiny, tmp_path):
@@ -23,15 +23,16 @@ def test_rewarded_answers_become_more_likely(tokenizer, tiny, tmp_path):
     task = Task("vowel", [{"prompt": "Say a word."}], [], {"vowel": vowel_reward})
     config = DAPOConfig(group_size=16, max_new_tokens=2, train_steps=1, mu=4, lr=1e-3, verbose=False,
                         output_dir=str(tmp_path), threads=2)
-    run = Run(config, task=task, model=tiny, tokenizer=tokenizer)
-    batch, _ = run.collect_batch()
+    run = Trainer(config, task=task, model=tiny, tokenizer=tokenizer)
+    batch, _ = run.collector.collect(1)
+    batch.advantages = group_advantages(batch.grouped(batch.rewards)).flatten()
     before = sequence_logprobs(run, batch)
-    run.update(batch)
+    run.actor.update(batch)
     after = sequence_logprobs(run, batch)
-    adv = batch[0].advantages
+    adv = batch.advantages
     assert (adv > 0).any() and (adv < 0).any()
     for ri, a in enumerate(adv.tolist()):
-        change = after[(0, ri)] - before[(0, ri)]
+        change = after[ri] - before[ri]
         assert change > 0 if a > 0 else change < 0, (ri, a, change)
 
 
@@ -39,7 +40,7 @@ def test_training_run_improves_reward_and_writes_a_checkpoint(tokenizer, tiny, t
     task = Task("vowel", [{"prompt": "Say a word."}], [], {"vowel": vowel_reward})
     config = DAPOConfig(group_size=16, max_new_tokens=1, train_steps=6, mu=2, lr=1e-3, verbose=False,
                         output_dir=str(tmp_path), threads=2)
-    result = Run(config, task=task, model=tiny, tokenizer=tokenizer).train()
+    result = Trainer(config, task=task, model=tiny, tokenizer=tokenizer).fit()
     assert len(result.metrics) == 6
     # every step logged the metrics the issue lists
     for key in ("reward_mean", "response_length_mean", "truncated_share", "groups_kept", "gen_rounds",
@@ -60,6 +61,6 @@ def test_first_grad_step_sees_ratio_one(tokenizer, tiny, tmp_path):
     task = Task("vowel", [{"prompt": "Say a word."}], [], {"vowel": vowel_reward})
     config = DAPOConfig(group_size=8, max_new_tokens=3, train_steps=1, mu=1, temperature=0.7, verbose=False,
                         output_dir=str(tmp_path), dynamic_sampling=False, threads=2)
-    result = Run(config, task=task, model=tiny, tokenizer=tokenizer).train()
+    result = Trainer(config, task=task, model=tiny, tokenizer=tokenizer).fit()
     m = result.metrics[0]
     assert m["approx_kl"] == 0.0 and m["clip_frac_low"] == 0.0 and m["clip_frac_high"] == 0.0

@@ -20,7 +20,7 @@ from dapo.progress import (PlainProgress, RichProgress, eta_seconds, format_dura
                            step_line, summary_rows)
 from dapo.tasks import Task
 from dapo.trackers import make_trackers, scalars
-from dapo.trainer import Run
+from dapo.trainer import Trainer
 
 
 def vowel_reward(prompts, completions, **_):
@@ -44,11 +44,11 @@ def short_config(tmp_path, **kw) -> DAPOConfig:
 def short_run(tokenizer, tmp_path_factory):
     """One short run on a tiny model, --no-verbose, TensorBoard on; returns (result, stdout)."""
     tmp_path = tmp_path_factory.mktemp("obs")
-    run = Run(short_config(tmp_path), task=vowel_task(), model=tiny_model(len(tokenizer), seed=0), tokenizer=tokenizer)
+    run = Trainer(short_config(tmp_path), task=vowel_task(), model=tiny_model(len(tokenizer), seed=0), tokenizer=tokenizer)
     out = io.StringIO()
     old, sys.stdout = sys.stdout, out  # a StringIO is no terminal: the display must fall back to lines
     try:
-        result = run.train()
+        result = run.fit()
     finally:
         sys.stdout = old
     return result, out.getvalue()
@@ -108,7 +108,7 @@ def test_no_verbose_off_terminal_prints_plain_lines(short_run):
 
 def test_verbose_keeps_the_seed_lines(tokenizer, tmp_path, capsys):
     config = short_config(tmp_path, verbose=True, train_steps=1, trackers=[])
-    Run(config, task=vowel_task(), model=tiny_model(len(tokenizer), seed=0), tokenizer=tokenizer).train()
+    Trainer(config, task=vowel_task(), model=tiny_model(len(tokenizer), seed=0), tokenizer=tokenizer).fit()
     out = capsys.readouterr().out
     assert "-- Generating rollouts" in out and "-- Training" in out
     assert "Grad step 1/1 in train step 1/1 completed. Objective: " in out
@@ -136,7 +136,7 @@ def test_rich_display_on_a_terminal_runs_every_hook():
 
 
 def test_make_progress_picks_by_mode_and_terminal():
-    assert type(make_progress(True)).__name__ == "NullProgress"
+    assert type(make_progress(True)).__name__ == "VerboseProgress"  # the seed example's lines
     assert isinstance(make_progress(False, io.StringIO()), PlainProgress)
 
 

@@ -17,7 +17,7 @@ from dapo import DAPOConfig
 from dapo.checkpoint import list_checkpoints
 from dapo.errors import TrainingInterrupted
 from dapo.resume import find_checkpoint
-from dapo.trainer import Run
+from dapo.trainer import Trainer
 from toy_run import TOY_OPTIONS, save_tiny_model, toy_argv, toy_task
 
 TESTS = Path(__file__).parent
@@ -29,12 +29,12 @@ def tiny_dir(tokenizer, tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), tokenizer)
 
 
-def toy_run(model_dir: Path, out: Path, **changes) -> Run:
+def toy_run(model_dir: Path, out: Path, **changes) -> Trainer:
     config = DAPOConfig(**{**TOY_OPTIONS, "model": str(model_dir), "output_dir": str(out), **changes})
-    return Run(config, task=toy_task())
+    return Trainer(config, task=toy_task())
 
 
-def params(run: Run) -> dict[str, torch.Tensor]:
+def params(run: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in run.model.state_dict().items()}
 
 
@@ -49,29 +49,29 @@ def reference(tiny_dir, tmp_path_factory) -> dict[str, torch.Tensor]:
     """Weights after an uninterrupted toy run."""
     run = toy_run(tiny_dir, tmp_path_factory.mktemp("reference"))
     before = params(run)
-    run.train()
+    run.fit()
     after = params(run)
     assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
     return after
 
 
 def test_sigterm_then_resume_equals_uninterrupted_run(tiny_dir, reference, tmp_path, monkeypatch):
-    monkeypatch.setenv("TOY_SIGNAL_AT_CALLS", "4")  # step 1 takes 3 reward calls: this lands in step 2
+    monkeypatch.setenv("TOY_SIGNAL_AT_CALLS", "4")  # step 1 scores 3 groups: this lands in step 2
     interrupted = toy_run(tiny_dir, tmp_path)
     with pytest.raises(TrainingInterrupted, match="Interrupted at step 2; resume with: dapo train --resume") as e:
-        interrupted.train()
+        interrupted.fit()
     assert e.value.exit_code == 143
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002"]
-    assert len(interrupted.buffer.groups) == 2  # carried-over groups travel in the checkpoint
+    assert len(interrupted.collector.buffer.groups) == 2  # carried-over groups travel in the checkpoint
 
     monkeypatch.delenv("TOY_SIGNAL_AT_CALLS")
     resumed = toy_run(tiny_dir, tmp_path)
     resumed.restore(find_checkpoint(tmp_path))
-    resumed.train()
+    resumed.fit()
     assert_same_tensors(params(resumed), reference)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert resumed.optimizer_steps == 4 * 2 * 2
+    assert resumed.actor.optimizer_steps == 4 * 2 * 2
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

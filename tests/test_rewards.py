@@ -6,7 +6,8 @@ import torch
 
 from dapo import informative_groups, overlong_penalty
 from dapo.errors import RewardError
-from dapo.rewards import RewardFunction, digit_accuracy, digit_reward, score_completions
+from dapo.rewards import RewardFunction, digit_accuracy, digit_reward
+from dapo.scorer import score_completions, score_group
 
 
 def test_overlong_penalty_eq13_by_hand():
@@ -56,8 +57,8 @@ def test_reward_wrong_count_and_raise():
 import threading  # noqa: E402
 import time  # noqa: E402
 
-from dapo.rewards import (as_completions, build_reward_functions, call_with_timeout, combine,  # noqa: E402
-                          exact_match_reward, load_reward_function, math_reward, numeric_reward, score_group)
+from dapo.rewards import (as_completions, build_reward_functions, combine, exact_match_reward,  # noqa: E402
+                          load_reward_function, math_reward, numeric_reward)
 
 
 def test_exact_match_and_numeric_by_hand():
@@ -143,7 +144,9 @@ def test_time_limit_holds_off_the_main_thread():
 
 
 def test_worker_returns_values_and_errors():
-    assert call_with_timeout(lambda **kw: [kw["x"], 2.0], {"x": 1.0}, 5.0) == [1.0, 2.0]
+    # A lambda reaches the (forked) worker as it is: no pickling of the function.
+    twice = RewardFunction("twice", lambda prompts, completions, **kw: [2.0 * len(c) for c in completions])
+    assert score_completions([twice], ["p", "p"], ["a", "bb"], {}, timeout=5.0).scores[:, 0].tolist() == [2.0, 4.0]
 
     def boom(prompts, completions, **kw):
         raise ZeroDivisionError("division by zero")

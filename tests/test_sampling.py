@@ -1,6 +1,6 @@
-"""The dynamic-sampling buffer (Algorithm 1) through Run.collect_batch, with scripted rollouts.
+"""The dynamic-sampling buffer (Algorithm 1) through the BatchCollector, with a fake engine.
 
-Each record carries a `script`: the G completions its fake rollout returns. The reward is the
+Each record carries a `script`: the G completions the fake engine returns for its prompt. The reward is the
 completion read as a number, so a script of all "1" is an all-correct group (dropped, counted as
 all-max), all "0" an all-wrong group (dropped, all-min), and a mix is informative (kept).
 """
@@ -9,10 +9,10 @@ import pytest
 
 from dapo import DAPOConfig
 from dapo.errors import DynamicSamplingExhausted
-from dapo.rollout import Group
+from dapo.rollout import Samples, SamplingParams
 from dapo.sampling import DynamicSamplingBuffer
 from dapo.tasks import Task
-from dapo.trainer import Run
+from dapo.trainer import Trainer
 
 G = 4
 ALL_MAX = {"prompt": "all max", "script": ["1"] * G}
@@ -25,19 +25,52 @@ def as_number(prompts, completions, **_):
     return [float(c) for c in completions]
 
 
+class ScriptedEngine:
+    """A RolloutEngine that answers each prompt with its record's script (as token ids)."""
+
+    def __init__(self, tokenizer, records):
+        self.tokenizer, self.records, self.calls = tokenizer, records, []
+
+    def generate(self, prompt_ids, n, sampling: SamplingParams):
+        out = []
+        for ids in prompt_ids:
+            text = self.tokenizer.decode(ids)
+            record = next(r for r in self.records if r["prompt"] in text)
+            self.calls.append(record["prompt"])
+            responses = [self.tokenizer.encode(t, add_special_tokens=False) for t in record["script"]]
+            out.append(Samples(responses, [False] * n, [[0.0] * len(r) for r in responses]))
+        return out
+
+    def sync_weights(self, model):
+        pass
+
+
+class Run:
+    """The trainer's collector with the scripted engine in place of sampling."""
+
+    def __init__(self, trainer: Trainer, engine: ScriptedEngine):
+        self.trainer, self.engine = trainer, engine
+        self.buffer = trainer.collector.buffer
+        self.step = 0
+
+    def collect_batch(self):
+        self.step += 1
+        return self.trainer.collector.collect(self.step)
+
+
 def make_run(tokenizer, tiny, tmp_path, records, **overrides):
     task = Task("scripted", records, [], {"number": as_number})
     config = DAPOConfig(group_size=G, gen_batch_size=len(records), verbose=False, output_dir=str(tmp_path),
                         threads=1, **overrides)
-    run = Run(config, task=task, model=tiny, tokenizer=tokenizer)
-    calls = []
+    engine = ScriptedEngine(tokenizer, records)
+    trainer = Trainer(config, task=task, model=tiny, tokenizer=tokenizer, engine=engine)
+    return Run(trainer, engine), engine.calls
 
-    def fake_rollout(records):
-        calls.append([r["prompt"] for r in records])
-        return [Group(r, [1, 2], [[5]] * G, [False] * G, completions=list(r["script"])) for r in records]
 
-    run.rollout = fake_rollout
-    return run, calls
+def group_prompts(run: Run, batch) -> list[str]:
+    """The prompt of each group of a TrainBatch."""
+    records = run.trainer.task.train
+    return [records[int(batch.prompt_index[batch.group == g][0])]["prompt"] for g in range(batch.num_groups)]
 
 
 def test_buffer_is_fifo_and_keeps_surplus():
@@ -52,7 +85,7 @@ def test_buffer_is_fifo_and_keeps_surplus():
 def test_round_keeps_informative_groups_and_counts_the_dropped(tokenizer, tiny, tmp_path):
     run, calls = make_run(tokenizer, tiny, tmp_path, [ALL_MAX, ALL_MIN, MIXED_A, MIXED_B], train_batch_size=2)
     batch, stats = run.collect_batch()
-    assert sorted(g.record["prompt"] for g in batch) == ["mixed a", "mixed b"]
+    assert sorted(group_prompts(run, batch)) == ["mixed a", "mixed b"]
     assert (stats["gen_rounds"], stats["groups_kept"]) == (1, 2)
     assert (stats["groups_dropped_all_max"], stats["groups_dropped_all_min"], stats["groups_dropped_all_same"]) == (1, 1, 2)
     assert (stats["prompts_consumed"], stats["data_epoch"], stats["groups_carried_over"]) == (4, 0, 0)
@@ -67,8 +100,8 @@ def test_surplus_groups_open_the_next_step_exactly_once(tokenizer, tiny, tmp_pat
     first, s1 = run.collect_batch()
     assert (s1["gen_rounds"], s1["groups_kept"], len(run.buffer.groups)) == (1, 2, 1)
     second, s2 = run.collect_batch()  # the surplus group fills this step: no generation at all
-    assert (s2["gen_rounds"], s2["groups_carried_over"], len(calls)) == (0, 1, 1)
-    assert {first[0].record["prompt"], second[0].record["prompt"]} == {"mixed a", "mixed b"}
+    assert (s2["gen_rounds"], s2["groups_carried_over"], len(calls)) == (0, 1, 3)  # 3 prompts, 1 round
+    assert set(group_prompts(run, first) + group_prompts(run, second)) == {"mixed a", "mixed b"}
     third, s3 = run.collect_batch()  # buffer empty again: a new round (second epoch of the data)
     assert (s3["gen_rounds"], s3["groups_carried_over"], s3["prompts_consumed"], s3["data_epoch"]) == (1, 0, 6, 1)
     assert len(run.buffer.groups) == 1
@@ -78,18 +111,19 @@ def test_cap_on_generation_rounds_stops_with_a_message(tokenizer, tiny, tmp_path
     run, calls = make_run(tokenizer, tiny, tmp_path, [ALL_MAX, ALL_MIN], train_batch_size=1, max_num_gen_batches=3)
     with pytest.raises(DynamicSamplingExhausted, match=r"found only 0 of 1 groups .* max_num_gen_batches=3 "):
         run.collect_batch()
-    assert len(calls) == 3
+    assert len(calls) == 3 * 2  # three rounds of the two prompts
 
 
 def test_dynamic_sampling_off_keeps_every_group(tokenizer, tiny, tmp_path):
     run, _ = make_run(tokenizer, tiny, tmp_path, [ALL_MAX, ALL_MIN], train_batch_size=2, dynamic_sampling=False)
     batch, stats = run.collect_batch()
-    assert (len(batch), stats["groups_kept"], stats["groups_dropped_all_same"]) == (2, 2, 0)
+    assert (batch.num_groups, stats["groups_kept"], stats["groups_dropped_all_same"]) == (2, 2, 0)
 
 
 def test_reward_errors_zero_is_counted_in_metrics(tokenizer, tiny, tmp_path):
-    bad = {"prompt": "bad", "script": ["1", "x", "0", "0"]}  # float("x") raises: the whole call scores 0
+    # One call scores the whole round (TRL's convention): a NaN is one bad value, scored 0.
+    bad = {"prompt": "bad", "script": ["nan"] * G}
     run, _ = make_run(tokenizer, tiny, tmp_path, [bad, MIXED_A], train_batch_size=1, reward_errors="zero")
     batch, stats = run.collect_batch()
     assert stats["reward_errors"] == G
-    assert [g.record["prompt"] for g in batch] == ["mixed a"]
+    assert group_prompts(run, batch) == ["mixed a"]

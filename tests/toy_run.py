@@ -3,8 +3,9 @@ varying scores, so dynamic sampling keeps groups and every optimizer step moves 
 
 Run as a script it is `dapo` with this task in place of the built-in one (this branch's CLI has
 no way to name a reward function), and with one fault to inject:
-    TOY_SIGNAL_AT_CALLS=N[,M]  the process sends itself TOY_SIGNAL (default SIGTERM) in the N-th
-                               (and M-th) reward call, i.e. in the middle of a train step.
+    TOY_SIGNAL_AT_CALLS=N[,M]  the process sends itself TOY_SIGNAL (default SIGTERM) when the
+                               reward function scores the N-th (and M-th) group, i.e. in the
+                               middle of a train step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +25,21 @@ PROMPTS = [{"prompt": f"Say a word that starts with letter {c}."} for c in "abcd
 
 
 def toy_task(name: str = "toy") -> Task:
-    # Reward functions run in a forked worker process (for their time limit): count calls in shared
-    # memory and signal the trainer's process, not the worker.
-    calls = mp.get_context("fork").Value("i", 0)
+    # Reward functions run in a forked worker process (for their time limit): count the groups
+    # scored in shared memory and signal the trainer's process, not the worker.
+    scored = mp.get_context("fork").Value("i", 0)
     trainer_pid = os.getpid()
 
     def length_reward(prompts, completions, **_):
         """Characters mod 3: differs within almost every group of a random model's answers."""
-        with calls.get_lock():
-            calls.value += 1
-            n = calls.value
-        if str(n) in os.environ.get("TOY_SIGNAL_AT_CALLS", "").split(","):
-            os.kill(trainer_pid, signal.Signals[os.environ.get("TOY_SIGNAL", "SIGTERM")])
+        groups = sum(1 for i in range(len(prompts)) if i == 0 or prompts[i] != prompts[i - 1])
+        with scored.get_lock():
+            first, scored.value = scored.value + 1, scored.value + groups
+        targets = os.environ.get("TOY_SIGNAL_AT_CALLS", "").split(",")
+        for n in range(first, first + groups):
+            if str(n) in targets:
+                os.kill(trainer_pid, signal.Signals[os.environ.get("TOY_SIGNAL", "SIGTERM")])
+                time.sleep(0.5)  # two signals sent at once would merge into one
         return [float(len(c) % 3) for c in completions]
 
     return Task("toy", PROMPTS, [], {"length": length_reward})

@@ -83,32 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from dapo.evaluate import format_table
+    from dapo.progress import print_summary, summary_rows
+    from dapo.trainer import train
+
     config = resumed_config_from_args(args) if args.resume else config_from_args(args)
-    from dapo.trainer import Run
-
-    run = Run(config)
-    if args.resume:
-        from dapo.resume import find_checkpoint
-
-        run.restore(find_checkpoint(run.run_dir))
-    result = run.train()
+    result = train(config, resume=args.resume)
     name = "share of answers that are exactly \"5\"" if config.task == "digit" and config.data is None else "accuracy"
-    if result.eval_after and not result.eval_before:  # a resumed run skips the "before" evaluation
-        avg = next(key for key in result.eval_after if key.startswith("avg@"))
-        print(f"-- Evaluation ({avg[4:]} samples at temperature {config.eval_temperature}): {name} "
-              f"{result.eval_after[avg]:.3f} after training")
+    if result.eval_after:
+        avg = next(key for key in result.eval_after if key.startswith("avg@"))  # avg@1 when greedy
+        when = (f"{result.eval_before[avg]:.3f} before training, {result.eval_after[avg]:.3f} after"
+                if result.eval_before else f"{result.eval_after[avg]:.3f} after training")  # resumed: no "before"
+        print(f"-- Evaluation ({avg[4:]} samples at temperature {config.eval_temperature}): {name} {when}")
     if result.eval_before:
-        avg = next(key for key in result.eval_before if key.startswith("avg@"))  # avg@1 when greedy
-        print(f"-- Evaluation ({avg[4:]} samples at temperature {config.eval_temperature}): {name} "
-              f"{result.eval_before[avg]:.3f} before training, {result.eval_after[avg]:.3f} after")
-        from dapo.evaluate import format_table
-
         print(format_table(result.eval_before, "-- Held-out evaluation before training"))
         print(format_table(result.eval_after, "-- Held-out evaluation after training"))
     print(f"-- Done in {result.seconds:.1f} s. Checkpoint: {result.checkpoint}")
-    from dapo.progress import print_summary, summary_rows
-
-    print_summary(summary_rows(run.step, result.seconds, result.metrics, result.eval_before, result.eval_after,
+    print_summary(summary_rows(result.steps, result.seconds, result.metrics, result.eval_before, result.eval_after,
                                result.checkpoint, result.run_dir))
     return 0
 

@@ -22,9 +22,10 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from dapo.errors import ConfigError
+from dapo.loss import LossAgg
+from dapo.tasks import BUILTIN_TASKS
 from dapo.trackers import TRACKERS
 
-LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -190,8 +191,8 @@ class DAPOConfig:
         if self.reward_weights and len(self.reward_weights) != len(self.reward):
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for "
                               f"{len(self.reward)} reward functions")
-        if self.data is None and self.task not in TASKS:
-            raise ConfigError(f"task must be one of {sorted(TASKS)}, got {self.task!r}")
+        if self.data is None and self.task not in BUILTIN_TASKS:
+            raise ConfigError(f"task must be one of {sorted(BUILTIN_TASKS)}, got {self.task!r}")
         for name in self.trackers:
             if name not in TRACKERS:
                 raise ConfigError(f"trackers must be among {list(TRACKERS)}, got {name!r}")
@@ -230,9 +231,6 @@ class DAPOConfig:
 
     def replace(self, **changes: Any) -> "DAPOConfig":
         return dataclasses.replace(self, **changes)
-
-
-TASKS = ("digit", "arithmetic")
 
 
 def read_yaml_values(path: str | Path) -> dict[str, Any]:

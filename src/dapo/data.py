@@ -61,16 +61,20 @@ class PromptSampler:
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
-    def next(self, n: int) -> list[Record]:
+    def next_indices(self, n: int) -> list[int]:
+        """The indices (into `records`) of the next n prompts."""
         out = []
         for _ in range(n):
             if self.position >= len(self._order):
                 self.epoch += 1
                 self.position = 0
                 self._order = self._shuffled(self.epoch)
-            out.append(self.records[self._order[self.position]])
+            out.append(self._order[self.position])
             self.position += 1
         return out
+
+    def next(self, n: int) -> list[Record]:
+        return [self.records[i] for i in self.next_indices(n)]
 
     @property
     def prompts_consumed(self) -> int:

@@ -20,8 +20,9 @@ from dapo.checkpoint import latest_checkpoint
 from dapo.data import Record, encode_prompt
 from dapo.errors import DataError, ModelLoadError
 from dapo.models import stop_token_ids
-from dapo.rewards import RewardFn, RewardFunction, score_group
-from dapo.rollout import generate
+from dapo.rewards import RewardFn
+from dapo.rollout import HFEngine, RolloutEngine, SamplingParams
+from dapo.scorer import RewardScorer
 
 if TYPE_CHECKING:
     from dapo.config import DAPOConfig
@@ -51,10 +52,10 @@ def summarize(correct: Sequence[int], n: int, lengths: Sequence[int], k: int | N
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module,
+    engine: RolloutEngine | torch.nn.Module,
     tokenizer: Any,
     records: Sequence[Record],
-    accuracy: RewardFn,
+    judge: RewardScorer | RewardFn,
     *,
     k: int = 32,
     temperature: float = 1.0,
@@ -64,30 +65,37 @@ def evaluate(
     system_prompt: str | None = None,
     reward_timeout: float = 0.0,
     reward_errors: str = "raise",
+    stop_ids: Sequence[int] | None = None,
 ) -> dict[str, float]:
-    """Sample k answers per record and score them with `accuracy` (score >= 1 is correct).
+    """Sample k answers per record with `engine` (or a model, sampled by an HFEngine) and judge
+    them with the scorer's accuracy function (or a TRL-style function): a score >= 1 is correct.
 
     Returns avg@k, pass@k, response_length (mean tokens) and num_prompts, and the same as
     "<level>/avg@k" etc. for each value of a "level" column. Greedy decoding (temperature 0)
-    samples once per prompt, so k becomes 1.
+    samples once per prompt, so k becomes 1. `reward_timeout`/`reward_errors` apply when `judge`
+    is a function (a scorer brings its own). `stop_ids` default: the tokenizer's EOS and, given a
+    model, its generation config's.
     """
     if not records:
         raise DataError("the evaluation dataset is empty")
-    was_training = model.training
-    model.eval()
+    eos = stop_ids if stop_ids is not None else stop_token_ids(engine, tokenizer)
+    if isinstance(engine, torch.nn.Module):
+        engine = HFEngine(engine, tokenizer.pad_token_id)
     k = 1 if temperature == 0 else k
-    eos = stop_token_ids(model, tokenizer)
     prompts = [encode_prompt(tokenizer, r["prompt"], system_prompt, max_prompt_len) for r in records]
-    outs = generate(model, prompts, k, max_new_tokens, eos, tokenizer.pad_token_id, temperature, top_p)
-    model.train(was_training)
-    judge = [RewardFunction("accuracy", accuracy)]
-    correct: list[int] = []
-    lengths: list[list[int]] = []
-    for record, (responses, _) in zip(records, outs):
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        scores = score_group(judge, record, texts, timeout=reward_timeout, on_error=reward_errors).scores[:, 0]
-        correct.append(int((scores >= 1.0).sum()))
-        lengths.append([len(r) for r in responses])
+    outs = engine.generate(prompts, k, SamplingParams(max_new_tokens, temperature, top_p, tuple(sorted(eos))))
+    responses = [resp for s in outs for resp in s.response_ids]
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    flat_records = [r for r, s in zip(records, outs) for _ in s.response_ids]
+    if isinstance(judge, RewardScorer):
+        hits = judge.judge(flat_records, texts).correct
+    else:
+        name = getattr(judge, "__name__", "accuracy")
+        with RewardScorer([], judge, accuracy_name=name, timeout=reward_timeout, on_error=reward_errors) as scorer:
+            hits = scorer.judge(flat_records, texts).correct
+    assert hits is not None
+    correct = [int(h.sum()) for h in hits.split([len(s.response_ids) for s in outs])]
+    lengths = [[len(r) for r in s.response_ids] for s in outs]
     out = summarize(correct, k, [n for ls in lengths for n in ls])
     levels = sorted({str(r["level"]) for r in records if "level" in r})
     for level in levels:
@@ -172,6 +180,10 @@ def evaluate_config(config: "DAPOConfig") -> dict[str, float]:
     tokenizer = load_tokenizer(c.model)
     model = load_model(c.model, c.dtype, pick_device(c.device))
     records = task.eval[: c.max_eval_prompts or None]
-    return evaluate(model, tokenizer, records, task.accuracy, k=c.eval_samples, temperature=c.eval_temperature,
-                    top_p=c.eval_top_p, max_new_tokens=c.max_new_tokens, max_prompt_len=c.max_prompt_len,
-                    system_prompt=c.system_prompt, reward_timeout=c.reward_timeout, reward_errors=c.reward_errors)
+    engine = HFEngine(model, tokenizer.pad_token_id, c.shared_prompt)
+    stop_ids = stop_token_ids(model, tokenizer)
+    with RewardScorer([], task.accuracy, accuracy_name=task.accuracy_name, timeout=c.reward_timeout,
+                      on_error=c.reward_errors) as scorer:
+        return evaluate(engine, tokenizer, records, scorer, k=c.eval_samples, temperature=c.eval_temperature,
+                        top_p=c.eval_top_p, max_new_tokens=c.max_new_tokens, max_prompt_len=c.max_prompt_len,
+                        system_prompt=c.system_prompt, stop_ids=sorted(stop_ids))

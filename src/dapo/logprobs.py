@@ -14,20 +14,21 @@ model such as SmolLM2 (49k x 576 head) is a large share of the FLOPs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from dapo.rollout import Group
+from dapo.batch import TrainBatch
 
 
 @dataclass
 class Segment:
     """One packed row: a prompt and some responses of one group."""
 
-    group: int                       # index into the batch's groups
+    group: int                       # the batch's group index
     prompt_ids: list[int]
-    responses: list[int]             # indices into the group's responses
+    responses: list[int]             # the batch's row indices of these responses
     response_ids: list[list[int]]
 
     @property
@@ -35,32 +36,31 @@ class Segment:
         return len(self.prompt_ids) + sum(len(r) for r in self.response_ids)
 
 
-def plan_micro_batches(groups: list[Group], max_tokens: int, shared_prompt: bool = True,
-                       group_ids: list[int] | None = None,
-                       skip: set[tuple[int, int]] = frozenset()) -> list[list[Segment]]:
-    """Split groups into segments and segments into micro-batches of at most `max_tokens`
-    tokens (rows x longest row, i.e. padding included).
+def plan_micro_batches(batch: TrainBatch, max_tokens: int, shared_prompt: bool = True,
+                       rows: Sequence[int] | None = None, keep: torch.Tensor | None = None) -> list[list[Segment]]:
+    """Split the batch's responses (`rows`, default all) into segments and the segments into
+    micro-batches of at most `max_tokens` tokens (rows x longest row, i.e. padding included).
 
     A group larger than the budget is split into several segments, each with its own prompt
     copy; a single response that does not fit is still given a row of its own (the budget is
-    then exceeded by that one row rather than the response being dropped). Responses listed in
-    `skip` as (group, response) are left out (overlong filtering: they carry no loss).
+    then exceeded by that one row rather than the response being dropped). Empty responses and
+    those with `keep[i]` False (overlong filtering: they carry no loss) are left out.
     """
-    group_ids = list(range(len(groups))) if group_ids is None else group_ids
+    rows = range(len(batch)) if rows is None else rows
     segments: list[Segment] = []
-    for gi in group_ids:
-        g = groups[gi]
-        current: Segment | None = None
-        for ri, resp in enumerate(g.response_ids):
-            if not resp or (gi, ri) in skip:
-                continue
-            fits = current is not None and current.num_tokens + len(resp) <= max_tokens
-            if shared_prompt and fits:
-                current.responses.append(ri)
-                current.response_ids.append(resp)
-            else:
-                current = Segment(gi, g.prompt_ids, [ri], [resp])
-                segments.append(current)
+    current: Segment | None = None
+    for i in rows:
+        resp = batch.response_ids[i]
+        if not resp or (keep is not None and not bool(keep[i])):
+            continue
+        g = int(batch.group[i])
+        fits = current is not None and current.group == g and current.num_tokens + len(resp) <= max_tokens
+        if shared_prompt and fits:
+            current.responses.append(i)
+            current.response_ids.append(resp)
+        else:
+            current = Segment(g, batch.prompt_ids[i], [i], [resp])
+            segments.append(current)
     # Longest first, then greedy fill: rows of similar length share a micro-batch, so padding
     # stays small.
     segments.sort(key=lambda s: -s.num_tokens)
@@ -80,7 +80,7 @@ class PackedRows:
     attention_mask: torch.Tensor   # [R, 1, T, T] bool, True = may attend
     predict_at: torch.Tensor       # [N] flat index (row * T + col) of the hidden state that predicts each target
     targets: torch.Tensor          # [N] response token ids
-    owner: list[tuple[int, int, int]]  # per response: (group, response index, number of its tokens)
+    owner: list[tuple[int, int, int]]  # per response: (group, batch row, number of its tokens)
 
 
 def pack(segments: list[Segment], pad_id: int) -> PackedRows:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +49,14 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def sample_rows(groups: Iterable[Any]) -> list[dict[str, Any]]:
-    """One row per completion of the given rollout groups (rollout.Group after scoring and
-    advantage computation)."""
-    rows = []
-    for gi, g in enumerate(groups):
-        lengths = g.lengths.tolist()
-        for ri, text in enumerate(g.completions):
-            rows.append({"group": gi, "prompt": g.record["prompt"], "completion": text,
-                         "reward": float(g.reward[ri]), "advantage": float(g.advantages[ri]),
-                         "length": int(lengths[ri]), "truncated": bool(g.truncated[ri])})
-    return rows
+def sample_rows(batch: Any, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per completion of a scored TrainBatch with advantages; `records` are the training
+    records its prompt_index points into."""
+    lengths = batch.lengths.tolist()
+    return [{"group": int(batch.group[i]), "prompt": records[int(batch.prompt_index[i])]["prompt"],
+             "completion": batch.completions[i], "reward": float(batch.rewards[i]),
+             "advantage": float(batch.advantages[i]), "length": int(lengths[i]),
+             "truncated": bool(batch.truncated[i])} for i in range(len(batch))]
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

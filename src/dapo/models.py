@@ -113,7 +113,7 @@ def _load_message(name: str, e: Exception) -> str:
             "with config.json, a Hugging Face id reachable from here, or 'default'")
 
 
-def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+def stop_token_ids(model: torch.nn.Module | None, tokenizer: Any) -> set[int]:
     """The tokenizer's EOS plus any the generation config lists (chat models often end a turn with
     a token other than the tokenizer's EOS, e.g. Llama 3's <|eot_id|>)."""
     ids = {tokenizer.eos_token_id}

@@ -1,6 +1,7 @@
-"""Console display of a training run: a live `rich` progress display on a terminal, one plain
-line per train step otherwise (CI logs, `| tee`, files), nothing in verbose mode (the trainer
-then prints the seed example's lines itself), and the summary table that ends `dapo train`.
+"""Console display of a training run, the only place that prints during training: the seed
+example's lines (`VerboseProgress`, the default), a live `rich` progress display on a terminal,
+one plain line per train step otherwise (CI logs, `| tee`, files), and the summary table that
+ends `dapo train`. Ranks other than 0 get `NullProgress`.
 
 The trainer calls the hooks of `Progress`; the formatting is done by pure functions
 (`eta_seconds`, `step_line`, `summary_rows`) so it is testable without a terminal.
@@ -75,23 +76,73 @@ class Progress(Protocol):
 
     def start(self, total_steps: int, grad_steps: int, batch_groups: int) -> None: ...
     def phase(self, text: str) -> None: ...
+    def generating(self, step: int) -> None: ...
+    def group_scored(self, completions: Sequence[str], rewards: Sequence[float], kept: bool) -> None: ...
     def generation_round(self, step: int, rounds: int, kept: int, reward: float) -> None: ...
+    def training(self, step: int) -> None: ...
     def grad_step(self, step: int, grad_step: int, objective: float) -> None: ...
     def step_done(self, step: int, stats: Mapping[str, Any]) -> None: ...
     def evaluated(self, label: str, scores: Mapping[str, float]) -> None: ...
+    def note(self, text: str) -> None: ...
+    def message(self, text: str) -> None: ...
+    def warning(self, text: str) -> None: ...
     def close(self) -> None: ...
 
 
 class NullProgress:
-    """Shows nothing: verbose mode, where the trainer prints the seed's lines instead."""
+    """Shows nothing but warnings (on stderr): ranks other than 0, and the base of the others."""
 
     def start(self, total_steps: int, grad_steps: int, batch_groups: int) -> None: pass
     def phase(self, text: str) -> None: pass
+    def generating(self, step: int) -> None: pass
+    def group_scored(self, completions: Sequence[str], rewards: Sequence[float], kept: bool) -> None: pass
     def generation_round(self, step: int, rounds: int, kept: int, reward: float) -> None: pass
+    def training(self, step: int) -> None: pass
     def grad_step(self, step: int, grad_step: int, objective: float) -> None: pass
     def step_done(self, step: int, stats: Mapping[str, Any]) -> None: pass
     def evaluated(self, label: str, scores: Mapping[str, float]) -> None: pass
+    def note(self, text: str) -> None: pass
+    def message(self, text: str) -> None: pass
     def close(self) -> None: pass
+
+    def warning(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+
+class VerboseProgress(NullProgress):
+    """The seed example's console lines: every sampled response with its reward, every grad step."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream
+        self.total = self.grad_steps = 0
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream or sys.stdout, flush=True)
+
+    def start(self, total_steps: int, grad_steps: int, batch_groups: int) -> None:
+        self.total, self.grad_steps = total_steps, grad_steps
+
+    def generating(self, step: int) -> None:
+        self._print("-- Generating rollouts")
+
+    def group_scored(self, completions: Sequence[str], rewards: Sequence[float], kept: bool) -> None:
+        for text, r in zip(completions, rewards):
+            self._print(f"Reward: {r:.3f}; Response: {text.replace(chr(10), chr(92) + 'n')}")
+        if not kept:
+            self._print("Sampled group would give no learning signal; resampling...")
+
+    def training(self, step: int) -> None:
+        self._print("-- Training")
+
+    def grad_step(self, step: int, grad_step: int, objective: float) -> None:
+        self._print(f"Grad step {grad_step}/{self.grad_steps} in train step {step}/{self.total} completed. "
+                    f"Objective: {objective:.6f}")
+
+    def note(self, text: str) -> None:
+        self._print(text)
+
+    def message(self, text: str) -> None:
+        self._print(text)
 
 
 class PlainProgress(NullProgress):
@@ -112,6 +163,9 @@ class PlainProgress(NullProgress):
 
     def phase(self, text: str) -> None:
         self._print(f"-- {text}")
+
+    def message(self, text: str) -> None:
+        self._print(text)
 
     def step_done(self, step: int, stats: Mapping[str, Any]) -> None:
         if step == 1:
@@ -180,6 +234,9 @@ class RichProgress(NullProgress):
         if scores:
             self.console.print(eval_line(label, scores), highlight=False)
 
+    def message(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
     def close(self) -> None:
         self.bars.stop()
         # After the bars stop, later phases and evaluations print as lines.
@@ -187,9 +244,9 @@ class RichProgress(NullProgress):
 
 
 def make_progress(verbose: bool, stream: IO[str] | None = None) -> Progress:
-    """Verbose: nothing (the seed's lines are printed instead); a terminal: live bars; else plain lines."""
+    """Verbose: the seed's lines; a terminal: live bars; else plain lines."""
     if verbose:
-        return NullProgress()
+        return VerboseProgress(stream)
     out = stream or sys.stdout
     if getattr(out, "isatty", lambda: False)():
         from rich.console import Console

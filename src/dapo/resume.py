@@ -1,7 +1,8 @@
 """Resuming a run: the pieces of trainer state that are not plain tensors, as pure functions.
 
-`Run.state_dict` (trainer.py) gathers the whole state; this module turns RNG states and
-dynamic-sampling groups into plain containers and tensors (so `torch.load(weights_only=True)`
+`Trainer.state_dict` (trainer.py) gathers the whole state from the Actor (optimizer, schedule),
+the BatchCollector (sampler position, dynamic-sampling buffer as TrainBatch columns) and the RNGs;
+this module turns RNG states into plain containers and tensors (so `torch.load(weights_only=True)`
 reads them back), builds the config of a resumed run, and trims the logs to the checkpoint.
 """
 
@@ -19,11 +20,6 @@ import torch
 from dapo.checkpoint import latest_checkpoint
 from dapo.config import DAPOConfig, run_changing_differences
 from dapo.errors import ConfigError, ResumeError
-from dapo.rollout import Group
-
-_GROUP_FIELDS = ("prompt_ids", "response_ids", "truncated", "completions", "scores", "task_reward", "reward",
-                 "advantages")
-
 
 # --- RNG --------------------------------------------------------------------------------------
 def capture_rng() -> dict[str, Any]:
@@ -46,16 +42,6 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --- dynamic-sampling groups ------------------------------------------------------------------
-def group_to_state(group: Group, record_index: int) -> dict[str, Any]:
-    """A Group as plain data; its dataset row is stored as an index into the training records."""
-    return {"record": record_index, **{name: getattr(group, name) for name in _GROUP_FIELDS}}
-
-
-def group_from_state(state: dict[str, Any], records: list[dict[str, Any]]) -> Group:
-    return Group(record=records[state["record"]], **{name: state[name] for name in _GROUP_FIELDS})
 
 
 # --- config -----------------------------------------------------------------------------------

@@ -9,13 +9,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import math
-import multiprocessing as mp
 import os
 import re
-import signal
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,14 +205,6 @@ def build_reward_functions(specs: Sequence[str], weights: Sequence[float] = ()) 
 
 # --- calling reward functions -------------------------------------------------------------------
 
-class RewardTimeout(Exception):
-    """A reward-function call ran past its time limit (raised by call_with_timeout)."""
-
-
-class RewardCallError(Exception):
-    """The function raised in the worker process, or the worker died; the message says which."""
-
-
 def call_reward(fn: RewardFn, prompts: Sequence[Any], completions: Sequence[Any],
                 columns: dict[str, Sequence[Any]]) -> Any:
     """Call `fn` the TRL way; columns a function does not accept (and has no **kwargs for) are left out."""
@@ -230,153 +218,12 @@ def call_reward(fn: RewardFn, prompts: Sequence[Any], completions: Sequence[Any]
     return fn(prompts=list(prompts), completions=list(completions), **columns)
 
 
-def _worker(conn: Any, fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
-    # A terminal's Ctrl-C reaches the whole process group: the trainer decides what to do with
-    # it (finish the step, checkpoint), so the worker must neither die nor run the trainer's
-    # inherited handler. SIGTERM/SIGKILL from the parent still end it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        result = fn(**kwargs)
-        conn.send(("ok", list(result) if result is not None and not isinstance(result, (str, bytes)) else result))
-    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as a message
-        conn.send(("error", f"{type(e).__name__}: {e}"))
-    finally:
-        conn.close()
-
-
-def call_with_timeout(fn: Callable[..., Any], kwargs: dict[str, Any], timeout: float) -> Any:
-    """Run fn(**kwargs) in a forked worker process and kill it after `timeout` seconds.
-
-    A process, not signal.alarm: alarms only work on the main thread and silently do nothing
-    elsewhere. 'fork' lets any function run (lambdas, closures, functions from files) without
-    pickling it; only the result travels back. timeout <= 0 calls fn in this process.
-
-    Raises:
-        RewardTimeout past the limit; RewardCallError when fn raised in the worker or it died.
-    """
-    if timeout <= 0:
-        return fn(**kwargs)
-    ctx = mp.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    with warnings.catch_warnings():
-        # Python >= 3.12 warns about fork in a threaded process; the child only runs `fn`.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        proc = ctx.Process(target=_worker, args=(child, fn, kwargs), daemon=True)
-        proc.start()
-    child.close()
-    try:
-        if not parent.poll(timeout):
-            raise RewardTimeout(f"took longer than reward_timeout={timeout:g} s")
-        try:
-            status, payload = parent.recv()
-        except EOFError:
-            proc.join(1.0)
-            raise RewardCallError(f"worker process died (exit code {proc.exitcode})") from None
-    finally:
-        parent.close()
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
-    if status == "error":
-        raise RewardCallError(payload)
-    return payload
-
-
 def as_completions(prompt: Any, texts: Sequence[str]) -> list[Any]:
     """TRL's convention: completions are strings for a string prompt and a one-message
     assistant conversation for a chat prompt."""
     if isinstance(prompt, list):
         return [[{"role": "assistant", "content": t}] for t in texts]
     return list(texts)
-
-
-def score_group(reward_fns: Sequence[RewardFunction], record: dict[str, Any], texts: Sequence[str], *,
-                timeout: float = 0.0, on_error: str = "raise") -> RewardScores:
-    """Score the G completions of one record: its other columns go to the reward functions."""
-    columns = {k: [v] * len(texts) for k, v in record.items() if k != "prompt"}
-    return score_completions(reward_fns, [record["prompt"]] * len(texts), as_completions(record["prompt"], texts),
-                             columns, timeout=timeout, on_error=on_error)
-
-
-@dataclass
-class RewardScores:
-    """Scores of one call of every reward function on a batch of completions."""
-
-    scores: torch.Tensor          # [N, num_fns] unweighted, errors counted as 0
-    errors: int = 0               # values scored 0 because of an error (reward_errors='zero')
-    first_error: str | None = None
-
-
-def score_completions(
-    reward_fns: Sequence[RewardFunction],
-    prompts: Sequence[Any],
-    completions: Sequence[Any],
-    columns: dict[str, Sequence[Any]],
-    *,
-    timeout: float = 0.0,
-    on_error: str = "raise",
-) -> RewardScores:
-    """Call every reward function once on the batch (one record's group) and check what comes back.
-
-    Args:
-        timeout: seconds per call (a worker process enforces it); <= 0: no limit, in process.
-        on_error: 'raise' stops with a RewardError; 'zero' scores the bad values 0 and counts them.
-    Raises:
-        RewardError naming the function, the record (its prompt), the completion and the problem.
-    """
-    n = len(completions)
-    scores = torch.zeros(n, len(reward_fns))
-    errors, first_error = 0, None
-
-    def fail(rf: RewardFunction, problem: str, bad: int) -> None:
-        nonlocal errors, first_error
-        message = f"reward function {rf.name!r} {problem} (record: prompt {_text(prompts[0])[:80]!r})" \
-            if prompts else f"reward function {rf.name!r} {problem}"
-        if on_error != "zero":
-            raise RewardError(message)
-        errors += bad
-        first_error = first_error or message
-
-    for j, rf in enumerate(reward_fns):
-        kwargs = {"fn": rf.fn, "prompts": prompts, "completions": completions, "columns": columns}
-        try:
-            values = call_with_timeout(call_reward, kwargs, timeout)
-        except RewardTimeout as e:
-            fail(rf, str(e), n)
-            continue
-        except RewardCallError as e:
-            fail(rf, f"raised {e}", n)
-            continue
-        except Exception as e:  # noqa: BLE001 - any user error becomes one clear message
-            fail(rf, f"raised {type(e).__name__}: {e}", n)
-            continue
-        if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
-            fail(rf, f"returned {values!r:.60} instead of a list of {n} floats", n)
-            continue
-        values = list(values)
-        if len(values) != n:
-            fail(rf, f"returned {len(values)} values for {n} completions", n)
-            continue
-        for i, v in enumerate(values):
-            fv = _finite(v)
-            if fv is None:
-                fail(rf, f"returned {v!r} for completion {i} ({_text(completions[i])[:60]!r}); rewards must "
-                     f"be finite numbers", 1)
-                continue
-            scores[i, j] = fv
-    return RewardScores(scores, errors, first_error)
-
-
-def _finite(v: Any) -> float | None:
-    """float(v) when v is a finite number (bools, None, strings and NaN/inf are not)."""
-    if v is None or isinstance(v, (bool, str, bytes)):
-        return None
-    try:
-        fv = float(v)
-    except (TypeError, ValueError):
-        return None
-    return fv if math.isfinite(fv) else None
 
 
 def combine(scores: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:

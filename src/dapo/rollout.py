@@ -1,5 +1,9 @@
 """Stage: rollouts. Sample G responses per prompt from the current policy.
 
+A `RolloutEngine` turns prompt token ids into sampled responses; the trainer, the batch collector
+and `dapo eval` see only this protocol, so another sampler (vLLM) plugs in without a branch in
+the loop. `HFEngine` is ours: it samples from the training model itself.
+
 With `shared_prompt=True` each distinct prompt is prefilled once and its G continuations are
 sampled from copies of that single KV cache, so a prompt of P tokens costs P, not G * P, tokens
 of prefill. The sampling loop is ours (not `model.generate`) so that it is the same on every
@@ -10,38 +14,69 @@ turns it off), EOS handled per row.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+
+
 @dataclass
-class Group:
-    """One prompt and its G sampled responses, filled in stage by stage."""
+class Samples:
+    """The n responses to one prompt."""
 
-    record: dict[str, Any]                 # dataset row: prompt (text or messages) and other columns
-    prompt_ids: list[int]
-    response_ids: list[list[int]]          # each ends with EOS unless truncated
-    truncated: list[bool]
-    completions: list[str] = field(default_factory=list)
-    scores: torch.Tensor | None = None     # [G, num_reward_fns] raw reward-function outputs
-    task_reward: torch.Tensor | None = None  # [G] weighted task reward (what dynamic sampling filters on)
-    reward: torch.Tensor | None = None     # [G] task reward + overlong penalty (what advantages use)
-    advantages: torch.Tensor | None = None  # [G]
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return torch.tensor([len(r) for r in self.response_ids])
+    response_ids: list[list[int]]              # each ends with its stop token unless truncated
+    truncated: list[bool]                      # True when max_new_tokens was reached without a stop token
+    logprobs: list[list[float]] | None = None  # the sampler's log-prob of each response token under the
+    #                                            distribution it sampled from (after temperature and top-p)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+class RolloutEngine(Protocol):
+    """What the trainer needs from a sampler."""
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Samples]: ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Make the engine sample from `model`'s current weights (called after every train step)."""
+
+
+class HFEngine:
+    """Samples from the training model itself: colocated, the same weights, so syncing is free."""
+
+    def __init__(self, model: torch.nn.Module, pad_id: int, shared_prompt: bool = True, max_rows: int = 256) -> None:
+        self.model, self.pad_id, self.shared_prompt, self.max_rows = model, pad_id, shared_prompt, max_rows
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Samples]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return generate(self.model, prompt_ids, n, sampling.max_new_tokens, set(sampling.stop_token_ids),
+                            self.pad_id, sampling.temperature, sampling.top_p, shared_prompt=self.shared_prompt,
+                            max_rows=self.max_rows)
+        finally:
+            self.model.train(was_training)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row from logits [N, V] with temperature and nucleus (top-p) filtering.
 
-    temperature == 0 means greedy decoding.
+    Returns (tokens [N], their log-probs [N] under the distribution sampled from, i.e. after
+    temperature and top-p renormalisation). temperature == 0 means greedy decoding (log-prob 0).
     """
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        tokens = logits.argmax(dim=-1)
+        return tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -49,7 +84,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    chosen = probs.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, torch.log(chosen / probs.sum(-1))
 
 
 @torch.no_grad()
@@ -65,13 +102,13 @@ def generate(
     shared_prompt: bool = True,
     max_rows: int = 256,
     generator: torch.Generator | None = None,
-) -> list[tuple[list[list[int]], list[bool]]]:
+) -> list[Samples]:
     """Sample `group_size` responses for each prompt.
 
-    Returns one (responses, truncated) pair per prompt; a response keeps its EOS token, and
-    `truncated` is True when it reached max_new_tokens without EOS.
+    Returns one `Samples` per prompt; a response keeps its EOS token, and `truncated` is True
+    when it reached max_new_tokens without EOS.
     """
-    out: list[tuple[list[list[int]], list[bool]]] = []
+    out: list[Samples] = []
     per_chunk = max(1, max_rows // group_size)
     for start in range(0, len(prompts), per_chunk):
         out.extend(_generate_chunk(model, prompts[start:start + per_chunk], group_size, max_new_tokens, eos_ids,
@@ -111,12 +148,14 @@ def _generate_chunk(model, prompts, group_size, max_new_tokens, eos_ids, pad_id,
     n = logits.shape[0]
     next_pos = positions[:, -1:] + 1
     tokens = torch.empty((n, 0), dtype=torch.long, device=device)
+    logps = torch.empty((n, 0), dtype=torch.float32, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     eos = torch.tensor(sorted(eos_ids), device=device)
     for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_p, generator)
+        nxt, lp = sample_next(logits, temperature, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        logps = torch.cat([logps, lp.float()[:, None]], dim=1)
         done = done | torch.isin(nxt, eos)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
@@ -128,12 +167,16 @@ def _generate_chunk(model, prompts, group_size, max_new_tokens, eos_ids, pad_id,
 
     out = []
     tokens = tokens.cpu().tolist()
+    logps = logps.cpu().tolist()
     eos_list = eos.cpu().tolist()
     for g in range(len(prompts)):
-        responses, truncated = [], []
-        for row in tokens[g * group_size:(g + 1) * group_size]:
+        rows = range(g * group_size, (g + 1) * group_size)
+        samples = Samples([], [], [])
+        for row, lp in zip((tokens[i] for i in rows), (logps[i] for i in rows)):
             cut = next((i for i, t in enumerate(row) if t in eos_list), None)
-            responses.append(row[:cut + 1] if cut is not None else row)
-            truncated.append(cut is None)
-        out.append((responses, truncated))
+            end = cut + 1 if cut is not None else len(row)
+            samples.response_ids.append(row[:end])
+            samples.logprobs.append(lp[:end])
+            samples.truncated.append(cut is None)
+        out.append(samples)
     return out

@@ -31,6 +31,7 @@ class Task:
     eval: list[Record]
     rewards: dict[str, RewardFn]       # name -> TRL-style reward function (weights come from the config)
     accuracy: RewardFn | None = None   # 1.0 for a correct completion; drives accuracy metrics and eval
+    accuracy_name: str = "accuracy"    # how messages name the accuracy function
 
 
 def digit_task() -> Task:
@@ -114,7 +115,7 @@ def build_task(config: "DAPOConfig", eval_only: bool = False) -> Task:
     if c.reward:
         fns = build_reward_functions(c.reward)
         task.rewards = {rf.name: rf.fn for rf in fns}
-        task.accuracy = fns[0].fn
+        task.accuracy, task.accuracy_name = fns[0].fn, fns[0].name
     _check_columns(task)
     return task
 

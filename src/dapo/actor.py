@@ -1,0 +1,222 @@
+"""Stage: update. The Actor owns the policy model, its optimizer and learning-rate schedule, and
+the training forward (shared-prompt packing, logprobs.py; the loss, loss.py).
+
+`update(batch)` is paper Algorithm 1, lines 9-11: mu passes over the rollout batch, one optimizer
+step (`train_step`) per mini-batch. `train_step` takes the mini-batch's *global* loss
+denominators (valid tokens and responses of the whole mini-batch), so splitting it into
+micro-batches, or later into data-parallel shards, never changes the gradient. Metrics stay on
+the device as tensors and are read back once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dapo.batch import TrainBatch
+from dapo.config import DAPOConfig
+from dapo.errors import TrainingDiverged
+from dapo.logprobs import PackedRows, pack, pad_stack, plan_micro_batches, split_by_response, token_logprobs
+from dapo.loss import policy_loss
+
+
+@dataclass
+class StepResult:
+    objective: float                 # -loss of the mini-batch (its gradient was applied unless skipped)
+    grad_norm: float
+    skipped: bool                    # non-finite objective or gradient norm: no optimizer step
+    metrics: dict[str, float]        # token-weighted means: clip_frac_low, clip_frac_high, approx_kl[, kl_ref]
+    entropy_sum: float               # sum of token entropies (when asked), for a token mean across steps
+    tokens: int                      # packed tokens (padding included) that went through the model
+
+
+class Actor:
+    def __init__(self, model: torch.nn.Module, config: DAPOConfig, pad_id: int,
+                 ref_model: torch.nn.Module | None = None, warn: Callable[[str], None] = print) -> None:
+        c = self.config = config
+        self.model, self.ref_model, self.pad_id, self.warn = model, ref_model, pad_id, warn
+        # fused AdamW is 4x faster than the per-tensor loop on CPU (0.08 s vs 0.36 s a step for 135M).
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, betas=tuple(c.adam_betas),
+                                           weight_decay=c.weight_decay, fused=True)
+        total = c.train_steps * c.grad_steps_per_train_step
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=lr_lambda(c, total))
+        self.optimizer_steps = 0
+        self.skipped_steps = 0          # optimizer steps skipped for a non-finite loss or grad norm
+        self.bad_steps_in_row = 0
+
+    # --- forward ---------------------------------------------------------------------------------
+    def pack(self, batch: TrainBatch, rows: list[int], keep: torch.Tensor) -> list[PackedRows]:
+        c = self.config
+        return [pack(mb, self.pad_id)
+                for mb in plan_micro_batches(batch, c.max_tokens_per_micro_batch, c.shared_prompt, rows, keep)]
+
+    @torch.no_grad()
+    def logprobs(self, plan: list[PackedRows], model: torch.nn.Module | None = None) -> dict[int, torch.Tensor]:
+        """Per-token log-probs of every packed response, by batch row (no gradient)."""
+        out = {}
+        for packed in plan:
+            lp, _ = token_logprobs(model or self.model, packed, self.config.temperature)
+            for (_, row, _), t in zip(packed.owner, split_by_response(lp, packed.owner)):
+                out[row] = t
+        return out
+
+    # --- one optimizer step ----------------------------------------------------------------------
+    def train_step(self, plan: list[PackedRows], advantages: torch.Tensor, old: dict[int, torch.Tensor],
+                   ref: dict[int, torch.Tensor], *, num_tokens: int, num_seqs: int, with_entropy: bool = False,
+                   record_old: bool = False) -> StepResult:
+        """Forward/backward every micro-batch of one mini-batch, then one optimizer step.
+
+        `num_tokens` / `num_seqs` are the mini-batch's loss denominators. With `record_old` the
+        forward's own log-probs become the old policy's (exact before the first step: ratio 1).
+        """
+        c = self.config
+        device = next(self.model.parameters()).device
+        objective = torch.zeros((), device=device)
+        entropy_sum = torch.zeros((), device=device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for packed in plan:
+            lp, ent = token_logprobs(self.model, packed, c.temperature, with_entropy=with_entropy)
+            per_resp = split_by_response(lp, packed.owner)
+            rows = [row for _, row, _ in packed.owner]
+            if record_old:
+                for row, t in zip(rows, per_resp):
+                    old[row] = t.detach()
+            loss, m = policy_loss(
+                pad_stack(per_resp),
+                pad_stack([old[r] for r in rows]),
+                advantages[rows].to(lp.device),
+                pad_stack([torch.ones_like(t) for t in per_resp]),
+                c.eps_low, c.eps_high, c.clip_ratio_c, c.loss_agg,
+                ref_log_prob=pad_stack([ref[r] for r in rows]) if ref else None,
+                kl_coef=c.kl_coef, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=c.max_new_tokens)
+            loss.backward()
+            objective = objective - loss.detach()
+            tokens += int(packed.input_ids.numel())
+            for k, v in m.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + v * len(lp)
+            if ent is not None:
+                entropy_sum = entropy_sum + ent.sum()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm or math.inf)
+        # One host sync for the whole step.
+        names = list(metric_sums)
+        values = torch.stack([objective, grad_norm.to(device).float(), entropy_sum] +
+                             [metric_sums[k].float() for k in names]).tolist()
+        obj, norm, ent_sum = values[:3]
+        metrics = {k: v / max(num_tokens, 1) for k, v in zip(names, values[3:])}
+        skipped = not (math.isfinite(obj) and math.isfinite(norm))
+        if skipped:
+            # One bad batch must not poison the weights or Adam's moments: drop its gradient.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.bad_steps_in_row += 1
+        else:
+            self.bad_steps_in_row = 0
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer_steps += 1
+        return StepResult(obj, norm, skipped, metrics, ent_sum, tokens)
+
+    # --- mu passes over a rollout batch ----------------------------------------------------------
+    def update(self, batch: TrainBatch, train_step: int = 0,
+               on_grad_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
+        """mu passes over the batch; one optimizer step per mini-batch (paper Algorithm 1, lines 9-11).
+
+        Fills `batch.old_logprobs`. Raises TrainingDiverged after max_bad_steps non-finite steps in a row.
+        """
+        c = self.config
+        mb = c.groups_per_mini_batch
+        mini_batches = [list(range(i, min(i + mb, batch.num_groups))) for i in range(0, batch.num_groups, mb)]
+        rows_of = [[r for r in range(len(batch)) if int(batch.group[r]) in set(ids)] for ids in mini_batches]
+        keep = batch.loss_mask(c.overlong_filter)
+        plans = [self.pack(batch, rows, keep) for rows in rows_of]  # packed once, used every pass
+        # Old-policy log-probs, needed from the second optimizer step on. The first mini-batch of
+        # the first pass runs before any update, so its own forward gives them exactly (ratio 1).
+        old: dict[int, torch.Tensor] = {}
+        ref: dict[int, torch.Tensor] = {}
+        for plan in plans[1:]:
+            old.update(self.logprobs(plan))
+        if self.ref_model is not None:
+            for plan in plans:
+                ref.update(self.logprobs(plan, self.ref_model))
+        assert batch.advantages is not None, "compute advantages before the update"
+        sums: dict[str, float] = {}
+        tokens_trained, skipped = 0, 0
+        entropy_sum, entropy_tokens = 0.0, 0
+        for epoch in range(c.mu):
+            for mbi, rows in enumerate(rows_of):
+                kept = [r for r in rows if bool(keep[r])]
+                num_tokens = sum(len(batch.response_ids[r]) for r in kept)
+                result = self.train_step(plans[mbi], batch.advantages, old, ref, num_tokens=num_tokens,
+                                         num_seqs=len(kept), with_entropy=epoch == 0,
+                                         record_old=epoch == 0 and mbi == 0)
+                tokens_trained += result.tokens
+                grad_step = epoch * len(rows_of) + mbi + 1
+                if result.skipped:
+                    skipped += 1
+                    self._report_bad_step(grad_step, train_step, result)
+                    continue
+                for k, v in result.metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + result.grad_norm
+                sums["objective"] = sums.get("objective", 0.0) + result.objective
+                if epoch == 0:
+                    entropy_sum += result.entropy_sum
+                    entropy_tokens += num_tokens
+                if on_grad_step is not None:
+                    on_grad_step(grad_step, result.objective)
+        batch.old_logprobs = [old.get(r, torch.zeros(0)) for r in range(len(batch))]
+        steps = max(c.grad_steps_per_train_step - skipped, 1)  # averages over the steps taken
+        out = {k: v / steps for k, v in sums.items()}
+        out["entropy"] = entropy_sum / max(entropy_tokens, 1)
+        # A batch whose responses were all filtered out runs no loss; keep the keys (metrics.jsonl
+        # promises every key on every step) with the value "nothing moved".
+        for key in ("clip_frac_low", "clip_frac_high", "approx_kl") + (("kl_ref",) if self.ref_model else ()):
+            out.setdefault(key, 0.0)
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        out["train_tokens"] = tokens_trained
+        out["skipped_steps"] = skipped
+        return out
+
+    def _report_bad_step(self, grad_step: int, train_step: int, result: StepResult) -> None:
+        c = self.config
+        self.warn(f"dapo: warning: non-finite objective ({result.objective}) or gradient norm ({result.grad_norm}) "
+                  f"at grad step {grad_step} of train step {train_step}; optimizer step skipped "
+                  f"({self.bad_steps_in_row} in a row, the run stops at {c.max_bad_steps})")
+        if self.bad_steps_in_row >= c.max_bad_steps:
+            raise TrainingDiverged(
+                f"{self.bad_steps_in_row} optimizer steps in a row had a non-finite loss or gradient norm (train "
+                f"step {train_step}); stopping.")
+
+    # --- resume ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer, schedule and counters (the weights are saved as a Hugging Face directory)."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "optimizer_steps": self.optimizer_steps, "skipped_steps": self.skipped_steps,
+                "bad_steps_in_row": self.bad_steps_in_row}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer_steps, self.skipped_steps = state["optimizer_steps"], state["skipped_steps"]
+        self.bad_steps_in_row = state["bad_steps_in_row"]
+
+
+def lr_lambda(c: DAPOConfig, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up over warmup_steps optimizer steps, then constant, linear or cosine decay."""
+    def f(step: int) -> float:
+        if c.warmup_steps and step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        if c.lr_schedule == "constant":
+            return 1.0
+        progress = (step - c.warmup_steps) / max(total_steps - c.warmup_steps, 1)
+        progress = min(max(progress, 0.0), 1.0)
+        if c.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return f

@@ -1,0 +1,165 @@
+"""Stage: dynamic sampling, the loop (paper Algorithm 1, lines 3-8). The filter itself is the pure
+`informative_groups` (sampling.py); this module runs the generation rounds around it:
+
+    repeat:
+        draw gen_batch_size prompts, sample G responses each     (RolloutEngine)
+        score the round, add the overlong penalty                 (RewardScorer, Eq. 13)
+        keep the groups whose task rewards differ                 (Eq. 11's constraint)
+    until train_batch_size groups are in the buffer
+
+Surplus groups of the last round stay in the buffer and open the next step's batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from dapo.batch import TrainBatch
+from dapo.config import DAPOConfig
+from dapo.data import PromptSampler
+from dapo.errors import DynamicSamplingExhausted
+from dapo.progress import NullProgress, Progress
+from dapo.rewards import combine, overlong_penalty
+from dapo.rollout import RolloutEngine, SamplingParams
+from dapo.sampling import DynamicSamplingBuffer, informative_groups
+from dapo.scorer import RewardScorer
+
+
+class BatchCollector:
+    """Generation rounds -> a `TrainBatch` of `train_batch_size` informative groups + rollout stats."""
+
+    def __init__(self, config: DAPOConfig, engine: RolloutEngine, scorer: RewardScorer, sampler: PromptSampler,
+                 prompt_ids: Sequence[list[int]], tokenizer: Any, weights: Sequence[float],
+                 stop_token_ids: Sequence[int], progress: Progress | None = None) -> None:
+        self.config, self.engine, self.scorer, self.sampler = config, engine, scorer, sampler
+        self.prompt_ids, self.tokenizer, self.weights = prompt_ids, tokenizer, list(weights)
+        self.sampling = SamplingParams(config.max_new_tokens, config.temperature, config.top_p,
+                                       tuple(sorted(stop_token_ids)))
+        self.buffer: DynamicSamplingBuffer[TrainBatch] = DynamicSamplingBuffer(config.train_batch_size)
+        self.progress: Progress = progress or NullProgress()
+        self.reward_errors = 0  # values scored 0 for an error in the current step (reward_errors="zero")
+
+    # --- one round -------------------------------------------------------------------------------
+    def rollout(self, indices: list[int]) -> TrainBatch:
+        """Sample G responses for each training record in `indices` and score them."""
+        c, records = self.config, self.sampler.records
+        prompts = [self.prompt_ids[i] for i in indices]
+        samples = self.engine.generate(prompts, c.group_size, self.sampling)
+        rows = [(i, p, s, j) for i, p, s in zip(indices, prompts, samples) for j in range(len(s.response_ids))]
+        response_ids = [s.response_ids[j] for _, _, s, j in rows]
+        texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        scored = self.scorer.score([records[i] for i, _, _, _ in rows], texts)
+        if scored.first_error:
+            self.progress.note(f"Reward error scored 0: {scored.first_error}")
+        self.reward_errors += scored.errors
+        lengths = torch.tensor([len(r) for r in response_ids], dtype=torch.long)
+        task_rewards = combine(scored.scores, self.weights)
+        has_logprobs = all(s.logprobs is not None for s in samples)
+        return TrainBatch(
+            group=torch.repeat_interleave(torch.arange(len(indices)), c.group_size),
+            prompt_index=torch.tensor([i for i, _, _, _ in rows], dtype=torch.long),
+            prompt_ids=[p for _, p, _, _ in rows],
+            response_ids=response_ids,
+            truncated=torch.tensor([s.truncated[j] for _, _, s, j in rows], dtype=torch.bool),
+            completions=list(texts),
+            scores=scored.scores,
+            task_rewards=task_rewards,
+            rewards=task_rewards + overlong_penalty(lengths, c.max_new_tokens, c.overlong_buffer_len,
+                                                    c.overlong_penalty_factor),
+            correct=scored.correct,
+            sampler_logprobs=[torch.tensor(s.logprobs[j]) for _, _, s, j in rows] if has_logprobs else None,
+        )
+
+    # --- Algorithm 1's inner loop ----------------------------------------------------------------
+    def collect(self, step: int) -> tuple[TrainBatch, dict[str, float]]:
+        """Generate until `train_batch_size` informative groups are ready; `step` is the 1-based train step."""
+        c = self.config
+        stats: dict[str, float] = {"gen_rounds": 0, "groups_kept": 0, "groups_dropped_all_same": 0,
+                                   "groups_dropped_all_max": 0, "groups_dropped_all_min": 0,
+                                   "groups_carried_over": len(self.buffer.groups), "gen_tokens": 0}
+        rounds: list[TrainBatch] = []
+        all_correct = self.scorer.has_accuracy
+        gen_seconds = 0.0
+        self.reward_errors = 0
+        while not self.buffer.full:
+            if c.max_num_gen_batches and stats["gen_rounds"] >= c.max_num_gen_batches:
+                self._exhausted(step, stats, all_correct, sum(len(r) for r in rounds))
+            stats["gen_rounds"] += 1
+            self.progress.generating(step)
+            t0 = time.perf_counter()
+            round_ = self.rollout(self.sampler.next_indices(c.gen_batch_size))
+            gen_seconds += time.perf_counter() - t0
+            rounds.append(round_)
+            if round_.correct is not None:
+                all_correct = all_correct and bool((round_.correct >= 1.0).all())
+            keep = (informative_groups(round_.grouped(round_.task_rewards)) if c.dynamic_sampling
+                    else torch.ones(round_.num_groups, dtype=torch.bool))
+            for g, k in enumerate(keep.tolist()):
+                rows = round_.group == g
+                self.progress.group_scored([t for t, r in zip(round_.completions, rows.tolist()) if r],
+                                           round_.rewards[rows].tolist(), k)
+                if k:
+                    stats["groups_kept"] += 1
+                    self.buffer.add([round_.select_groups([g])])
+                else:
+                    stats["groups_dropped_all_same"] += 1
+                    hi = float(round_.task_rewards[rows].max())
+                    stats["groups_dropped_all_max" if hi > 0 else "groups_dropped_all_min"] += 1
+            self.progress.generation_round(step, int(stats["gen_rounds"]), len(self.buffer.groups),
+                                           float(round_.rewards.mean()))
+        batch = TrainBatch.cat(self.buffer.take())
+        stats.update(self._round_stats(rounds))
+        stats.update({
+            "batch_reward_mean": float(batch.rewards.mean()),
+            "prompts_consumed": self.sampler.prompts_consumed,
+            "data_epoch": self.sampler.epoch,
+            "gen_seconds": gen_seconds,
+            "gen_tokens_per_second": stats["gen_tokens"] / max(gen_seconds, 1e-9),
+        })
+        stats["reward_errors"] = self.reward_errors
+        return batch, stats
+
+    def _round_stats(self, rounds: list[TrainBatch]) -> dict[str, float]:
+        """Means over every completion generated this step (zeros when the buffer alone filled it)."""
+        names = [rf.name for rf in self.scorer.reward_fns]
+        if not rounds:
+            out = dict.fromkeys(["gen_tokens", "reward_mean", "response_length_mean", "response_length_max",
+                                 "truncated_share"] + [f"reward/{name}" for name in names], 0.0)
+            out["gen_tokens"] = 0
+            return {**out, "accuracy": 0.0} if self.scorer.has_accuracy else out
+        generated = TrainBatch.cat(rounds)
+        count = len(generated)
+        lengths = generated.lengths.float()
+        out = {"gen_tokens": int(lengths.sum()), "reward_mean": float(generated.rewards.mean()),
+               "response_length_mean": float(lengths.mean()), "response_length_max": float(lengths.max()),
+               "truncated_share": float(generated.truncated.float().mean())}
+        if generated.correct is not None:
+            out["accuracy"] = float(generated.correct.mean())
+        # Each reward function's own mean.
+        out.update({f"reward/{name}": float(s) / count for name, s in zip(names, generated.scores.sum(0))})
+        return out
+
+    def _exhausted(self, step: int, stats: dict[str, float], all_correct: bool, count: int) -> None:
+        c = self.config
+        if all_correct:
+            raise DynamicSamplingExhausted(
+                f"all {count} responses of the last {stats['gen_rounds']} generation rounds were correct "
+                f"and got equal rewards: the policy solves the training prompts", solved=True)
+        raise DynamicSamplingExhausted(
+            f"dynamic sampling found only {len(self.buffer.groups)} of {c.train_batch_size} groups with "
+            f"differing rewards in max_num_gen_batches={c.max_num_gen_batches} generation rounds at train "
+            f"step {step} ({stats['groups_dropped_all_max']} groups all at their best reward, "
+            f"{stats['groups_dropped_all_min']} all at zero or less). Raise max_num_gen_batches or "
+            f"group_size, or use prompts the model sometimes solves.")
+
+    # --- resume ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict(), "buffer": [g.state_dict() for g in self.buffer.groups]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.buffer.groups = [TrainBatch.from_state_dict(g) for g in state["buffer"]]
