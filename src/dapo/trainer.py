@@ -34,7 +34,8 @@ from dapo.checkpoint import (check_run_dir, checkpoint_dir, checkpoint_step, est
                              latest_checkpoint, load_trainer_state, remove_stale_tmp, save_checkpoint)
 from dapo.config import DAPOConfig
 from dapo.data import PromptSampler, Record, encode_prompt
-from dapo.errors import DapoError, DynamicSamplingExhausted, ResumeError, TrainingDiverged, TrainingInterrupted
+from dapo.errors import (DapoError, DynamicSamplingExhausted, OutOfMemory, ResumeError, TrainingDiverged,
+                         TrainingInterrupted, oom_guard)
 from dapo.evaluate import evaluate
 from dapo.logprobs import pack, pad_stack, plan_micro_batches, split_by_response, token_logprobs
 from dapo.loss import policy_loss
@@ -45,6 +46,7 @@ from dapo.resume import (capture_rng, check_resumable, group_from_state, group_t
                          truncate_jsonl)
 from dapo.rewards import RewardFunction, combine, overlong_penalty, score_group
 from dapo.rollout import Group, generate
+from dapo.rundir import acquire_run_lock, prepare_run_dir
 from dapo.sampling import DynamicSamplingBuffer, informative_groups
 from dapo.tasks import Task, build_task, reward_functions
 from dapo.trackers import make_trackers
@@ -116,8 +118,9 @@ class Run:
         c = self.config
         prompts = [self.prompt_ids(r) for r in records]
         self.model.eval()
-        outs = generate(self.model, prompts, c.group_size, c.max_new_tokens, self.eos_ids, self.pad_id,
-                        c.temperature, c.top_p, shared_prompt=c.shared_prompt)
+        with oom_guard("generation", c):
+            outs = generate(self.model, prompts, c.group_size, c.max_new_tokens, self.eos_ids, self.pad_id,
+                            c.temperature, c.top_p, shared_prompt=c.shared_prompt)
         self.model.train()
         groups = []
         for record, ids, (responses, truncated) in zip(records, prompts, outs):
@@ -367,15 +370,16 @@ class Run:
 
         Raises TrainingInterrupted after writing a checkpoint when SIGINT/SIGTERM arrived.
         """
-        with self._stop_on_signal():
+        with self._stop_on_signal(), acquire_run_lock(self.run_dir):
             return self._train()
 
     def _train(self) -> TrainResult:
         c = self.config
         start = time.perf_counter()
+        self._final_checkpoint: Path | None = None
         check_run_dir(self.run_dir, estimate_checkpoint_bytes(self.model))
-        c.to_yaml(self.run_dir / "config.yaml")
         resumed = self.resumed_from is not None
+        prepare_run_dir(self.run_dir, c, resuming=resumed)  # refuses another run's directory; writes config.yaml
         logger = MetricsLogger(self.run_dir, resume=resumed)
         trackers = make_trackers(c.trackers, self.run_dir, c.to_dict())
         self.progress = progress = make_progress(c.verbose)
@@ -399,7 +403,8 @@ class Run:
                     break
                 self.say("-- Training")
                 t1 = time.perf_counter()
-                stats.update(self.update(batch))
+                with oom_guard("training", c):
+                    stats.update(self.update(batch))
                 stats["train_seconds"] = time.perf_counter() - t1
                 stats["train_tokens_per_second"] = stats.pop("train_tokens") / max(stats["train_seconds"], 1e-9)
                 stats["step_seconds"] = time.perf_counter() - t0
@@ -422,14 +427,20 @@ class Run:
                     raise TrainingInterrupted(f"Interrupted at step {self.step}; resume with: dapo train --resume "
                                               f"{self.run_dir}", self.stop_signal)
             progress.close()
+            ckpt = self.save()  # before the final evaluation: a kill during it loses nothing trained
+            if self.stop_signal is not None:
+                raise TrainingInterrupted(f"Interrupted at the end of training: all {self.step} train steps are saved "
+                                          f"in {ckpt}; the final evaluation was skipped (dapo eval --model "
+                                          f"{self.run_dir} runs it)", self.stop_signal)
+            self._final_checkpoint = ckpt  # from here on a signal stops the final evaluation at once
             progress.phase("Evaluating after training")
             after = self._evaluate_and_log(logger, trackers, "after training")
-            ckpt = self.save()
         except DapoError as e:
             # Nothing trained is lost: a run stopped by bad input (a reward function that raises,
             # dynamic sampling exhausted...) keeps its last completed step. A diverged run keeps
             # pointing at its last good checkpoint instead.
             if (self.step and not isinstance(e, (TrainingDiverged, TrainingInterrupted))
+                    and not (isinstance(e, OutOfMemory) and e.during_update)
                     and latest_checkpoint(self.run_dir) != checkpoint_dir(self.run_dir, self.step)):
                 self.save()
             raise
@@ -442,7 +453,8 @@ class Run:
 
     def _evaluate_and_log(self, logger: MetricsLogger, trackers: Any, label: str) -> dict[str, float]:
         """Evaluate now; the scores go to eval.jsonl and the trackers under eval/ at the current step."""
-        scores = self.evaluate()
+        with oom_guard("evaluation", self.config):
+            scores = self.evaluate()
         if scores:
             logger.log_eval(self.step, scores)
             trackers.log(self.step, {f"eval/{k}": v for k, v in scores.items()})
@@ -467,8 +479,15 @@ class Run:
             self.stop_signal = signum
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            print(f"\ndapo: {signal.Signals(signum).name} received; stopping after train step {self.step + 1} "
-                  "and writing a checkpoint (press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+            final = getattr(self, "_final_checkpoint", None)
+            if final is not None:  # everything is saved: stop the final evaluation now
+                raise TrainingInterrupted(f"Stopped during the final evaluation; training finished at step "
+                                          f"{self.step}, saved in {final}", signum)
+            what = (f"stopping after train step {self.step + 1} and writing a checkpoint"
+                    if self.step < self.config.train_steps else
+                    f"training is done (step {self.step}); writing its checkpoint and skipping the final evaluation")
+            print(f"\ndapo: {signal.Signals(signum).name} received; {what} (press Ctrl-C again to quit at once)",
+                  file=sys.stderr, flush=True)
 
         for s in previous:
             signal.signal(s, request_stop)
@@ -536,10 +555,12 @@ def train(config: DAPOConfig, resume: str | Path | None = None, **kwargs: Any) -
     from dapo.resume import find_checkpoint
 
     run = Run(config, **kwargs)
-    if resume is not None:
-        run.run_dir = Path(resume)
+    if resume is None:
+        return run.train()
+    run.run_dir = Path(resume)
+    with acquire_run_lock(run.run_dir):  # held from choosing the checkpoint to the end of the run
         run.restore(find_checkpoint(run.run_dir))
-    return run.train()
+        return run.train()
 
 
 def lr_lambda(c: DAPOConfig, total_steps: int):
