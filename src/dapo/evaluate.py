@@ -158,6 +158,8 @@ def eval_config(overrides: dict[str, Any], config_file: str | None = None,
     if config_file:
         values.update(DAPOConfig.from_yaml(config_file).to_dict())
     values.update(overrides)
+    if overrides.get("reward") and not overrides.get("reward_weights"):
+        values["reward_weights"] = []  # the saved weights belong to the saved reward functions
     values["model"] = model
     if overrides.get("data") is not None:
         values["eval_data"] = overrides["data"]
