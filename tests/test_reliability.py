@@ -104,6 +104,10 @@ def test_new_run_refuses_a_directory_holding_a_run_unless_overwrite(run_copy, ti
     assert {p: p.read_bytes() for p in before} == before
     assert [p.name for p in list_checkpoints(run_copy)] == ["step-000001", "step-000002"]
 
+    # --overwrite on a run that fails to start (its data is missing) deletes nothing
+    fails_with(train(tiny_dir, run_copy, "--overwrite", "--data", str(run_copy / "missing.jsonl"), "--reward",
+                     "exact_match"), capsys, "does not exist")
+    assert {p: p.read_bytes() for p in before} == before and len(list_checkpoints(run_copy)) == 2
     assert main(train(tiny_dir, run_copy, "--overwrite")) == 0  # a 1-step run replaces the 2-step one
     assert [p.name for p in list_checkpoints(run_copy)] == ["step-000001"]
     assert steps_logged(run_copy) == [1]

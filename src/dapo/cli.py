@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if config.output_dir is not None:  # refuse (or clear) another run's directory before loading anything
             with acquire_run_lock(config.output_dir):
-                claim_run_dir(config.output_dir, config.overwrite, resuming=False)
+                claim_run_dir(config.output_dir, config.overwrite, resuming=False, clear=False)
                 run = Run(config)
                 result = run.train()
         else:

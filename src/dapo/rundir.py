@@ -87,8 +87,8 @@ def acquire_run_lock(run_dir: str | Path) -> RunLock:
         os.close(fd)
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise RunDirError(f"cannot lock run directory {run_dir} ({_reason(e)})") from e
-        raise RunDirError(f"run directory {run_dir} is in use by another dapo process ({holder}); wait for it "
-                          "to finish or stop it, or pick another --output-dir") from None
+        raise RunDirError(f"run directory {run_dir} is in use by another dapo process ({holder}{_gone(holder)}); "
+                          "wait for it to finish or stop it, or pick another --output-dir") from None
     stale = _read_holder(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since "
@@ -97,6 +97,20 @@ def acquire_run_lock(run_dir: str | Path) -> RunLock:
     lock.stale_holder = stale if stale != "holder unknown" else None  # type: ignore[attr-defined]
     _held[key] = lock
     return lock
+
+
+def _gone(holder: str) -> str:
+    """A note when the named holder is a process of this host that no longer exists: a child it
+    forked (e.g. a reward worker still running a slow function) keeps the lock until it ends."""
+    parts = holder.split()
+    if len(parts) >= 5 and parts[0] == "pid" and parts[1].isdigit() and parts[4] == socket.gethostname():
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            return "; it has exited, but a process it started still holds the lock"
+        except OSError:
+            pass
+    return ""
 
 
 def _read_holder(fd: int) -> str:
@@ -129,9 +143,10 @@ def clear_run(run_dir: str | Path) -> None:
             shutil.rmtree(doomed, ignore_errors=True)
 
 
-def claim_run_dir(run_dir: str | Path, overwrite: bool, resuming: bool) -> None:
+def claim_run_dir(run_dir: str | Path, overwrite: bool, resuming: bool, clear: bool = True) -> None:
     """A new run (not `resuming`) in a directory that already holds a run is refused with one
-    line, unless `overwrite`: then the old run's files and checkpoints are deleted first.
+    line, unless `overwrite`: then the old run's files and checkpoints are deleted first (with
+    `clear`; clear=False only checks, so a run that fails to start deletes nothing).
     Call it while holding the run lock."""
     run_dir = Path(run_dir)
     if resuming and overwrite:
@@ -143,7 +158,7 @@ def claim_run_dir(run_dir: str | Path, overwrite: bool, resuming: bool) -> None:
         raise RunDirError(f"run directory {run_dir} already holds a run ({', '.join(found)}); resume it with "
                           f"`dapo train --resume {run_dir}`, pick another --output-dir, or pass --overwrite to "
                           "delete that run first")
-    if found:
+    if found and clear:
         clear_run(run_dir)
 
 
