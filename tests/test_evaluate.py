@@ -1,6 +1,8 @@
 """Evaluation metrics against hand-computed values, the table, and run-directory resolution."""
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from dapo.evaluate import evaluate, format_table, pass_at_k, resolve_model, summarize
 
@@ -58,6 +60,7 @@ def test_resolve_model_picks_the_newest_complete_checkpoint(tmp_path):
         d = run / "checkpoints" / f"step-{step:06d}"
         d.mkdir(parents=True)
         (d / "dapo_config.yaml").write_text("task: arithmetic\n")
+        save_file({"w": torch.zeros(2)}, d / "model.safetensors")  # checkpoints are verified before use
         if complete:
             (d / "COMPLETE").write_text(f"{step}\n")
     path, saved = resolve_model(str(run))

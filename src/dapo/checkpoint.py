@@ -6,9 +6,13 @@ place, so it is either complete or absent."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import re
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,13 @@ from dapo.errors import CheckpointError, RunDirError
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.pt"
+MANIFEST = "MANIFEST.json"   # sha256 and size of every other file, written just before COMPLETE
+WEIGHTS = "model.safetensors"
+CONFIG_FILE = "dapo_config.yaml"
+# Keys trainer_state.pt must hold for a resume (Run.state_dict).
+STATE_KEYS = ("step", "optimizer_steps", "skipped_steps", "bad_steps_in_row", "optimizer", "scheduler", "rng",
+              "sampler", "buffer")
+_NAME = re.compile(r"^step-(\d{6,})$")  # anything else in checkpoints/ (step-000001.bak, notes) is ignored
 # Test hook: SIGKILL this process once a checkpoint's temporary directory holds this many files
 # (optionally only at step DAPO_FAULT_STEP), to prove a half-written checkpoint is never used.
 FAULT_AFTER_FILES = "DAPO_FAULT_AFTER_FILES"
@@ -34,8 +45,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "COMPLETE").exists()]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+    done = [p for p in root.iterdir() if _NAME.match(p.name) and p.is_dir() and (p / "COMPLETE").exists()]
+    return sorted(done, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -44,7 +55,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(path.name[len(PREFIX):])
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise CheckpointError(f"{path} is not a checkpoint directory (step-NNNNNN)")
+    return int(match.group(1))
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any, config: DAPOConfig,
@@ -64,11 +78,14 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
         _maybe_fault(tmp, step)
         tokenizer.save_pretrained(tmp)
         _maybe_fault(tmp, step)
-        config.to_yaml(tmp / "dapo_config.yaml")
+        from dapo.rundir import run_dir_config
+
+        run_dir_config(config).to_yaml(tmp / CONFIG_FILE)
         _maybe_fault(tmp, step)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_FILE)
             _maybe_fault(tmp, step)
+        write_manifest(tmp)
         (tmp / "COMPLETE").write_text(f"{step}\n")
         _fsync_tree(tmp)
         if final.exists():
@@ -81,12 +98,101 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
         raise CheckpointError(f"could not write checkpoint {final}: {_reason(e)}. "
                               + (f"The previous checkpoint {previous} is intact." if previous else
                                  "No earlier checkpoint exists.")) from e
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+    # Keep the newest keep_last up to this step. Checkpoints of later steps belong to a timeline
+    # abandoned when a resume fell back past a damaged checkpoint: they go too.
+    existing = list_checkpoints(run_dir)
+    older = [p for p in existing if checkpoint_step(p) <= step]
+    for old in older[:-keep_last] + [p for p in existing if checkpoint_step(p) > step]:
         # Rename first: a kill during rmtree must not leave a half-deleted directory marked COMPLETE.
         doomed = old.parent / f"{TMP_PREFIX}{old.name}-pruned"
         os.replace(old, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """MANIFEST.json: {"files": {name: {"sha256": ..., "bytes": ...}}} for every file in `directory`."""
+    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(Path(directory).iterdir()) if p.is_file() and p.name not in (MANIFEST, "COMPLETE")}
+    (Path(directory) / MANIFEST).write_text(json.dumps({"version": 1, "files": files}, indent=1) + "\n")
+
+
+def verify_checkpoint(checkpoint: Path, need_state: bool = True) -> str | None:
+    """None when `checkpoint` is intact, else what is wrong with it (one phrase).
+
+    Checks: COMPLETE present; every file of MANIFEST.json present with its size and sha256 (a
+    checkpoint from before manifests existed skips this); the weights, the config and (with
+    `need_state`) trainer_state.pt present; dapo_config.yaml parses as a config; the weights are
+    all finite; trainer_state.pt loads with the safe loader and holds every key a resume needs.
+    Reads only data (safetensors, YAML with the safe loader, torch.load with weights_only=True).
+    """
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "COMPLETE").is_file():
+        return "no COMPLETE marker (it was not fully written)"
+    manifest = checkpoint / MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+            assert isinstance(files, dict)
+        except Exception:  # noqa: BLE001
+            return f"{MANIFEST} is damaged"
+        for name, meta in files.items():
+            f = checkpoint / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != meta.get("bytes"):
+                return f"{name} has {f.stat().st_size} bytes, {meta.get('bytes')} when written (truncated?)"
+            if _sha256(f) != meta.get("sha256"):
+                return f"{name} does not match its sha256 in {MANIFEST} (damaged on disk)"
+    required = [WEIGHTS, CONFIG_FILE] + ([STATE_FILE] if need_state else [])
+    for name in required:
+        if not (checkpoint / name).is_file():
+            return f"{name} is missing"
+    try:
+        DAPOConfig.from_yaml(checkpoint / CONFIG_FILE)
+    except Exception as e:  # noqa: BLE001
+        return f"{CONFIG_FILE} is unreadable ({_reason(e)})"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(checkpoint / WEIGHTS), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    return f"{WEIGHTS} holds non-finite values in {key}"
+    except Exception as e:  # noqa: BLE001
+        return f"{WEIGHTS} is unreadable ({_reason(e)})"
+    if need_state:
+        try:
+            state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001
+            return f"{STATE_FILE} is unreadable ({_reason(e)})"
+        missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            return f"{STATE_FILE} lacks {', '.join(missing)}"
+        if not isinstance(state["step"], int) or state["step"] != checkpoint_step(checkpoint):
+            return f"{STATE_FILE} is for step {state['step']!r}, not {checkpoint_step(checkpoint)}"
+    return None
+
+
+def intact_checkpoint(run_dir: Path, need_state: bool = True, what: str = "resuming") -> Path | None:
+    """The newest checkpoint of `run_dir` that passes `verify_checkpoint`; each damaged newer one
+    is reported on stderr with its problem."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(ckpt, need_state=need_state)
+        if problem is None:
+            return ckpt
+        print(f"dapo: warning: checkpoint {ckpt} is damaged ({problem}); {what} from an older one",
+              file=sys.stderr, flush=True)
+    return None
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
@@ -97,9 +203,13 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
                               "so the run cannot be resumed exactly from it")
     try:
         # Plain containers and tensors only (see Run.state_dict), so the safe loader suffices.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a damaged file becomes one clear message
         raise CheckpointError(f"could not read {path}: {_reason(e)}") from e
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it cannot be resumed from")
+    return state
 
 
 def remove_stale_tmp(run_dir: Path) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from dapo.config import DAPOConfig
-from dapo.errors import DapoError, TrainingInterrupted
+from dapo.errors import DapoError, ResumeError, TrainingInterrupted
 
 GROUP_TITLES = {"model": "model", "data": "prompts and rewards", "rollout": "rollout and dynamic sampling",
                 "loss": "reward shaping, advantages and loss", "optim": "optimisation",
@@ -45,14 +46,14 @@ def config_from_args(args: argparse.Namespace) -> DAPOConfig:
     return DAPOConfig.from_dict(overrides)
 
 
-def resumed_config_from_args(args: argparse.Namespace) -> DAPOConfig:
+def resumed_config_from_args(args: argparse.Namespace, checkpoint: Any = None) -> DAPOConfig:
     """The resumed run's config: its checkpoint's config, then --config values, then options."""
     from dapo.config import read_yaml_values
     from dapo.resume import resumed_config
 
     overrides = {k.replace("-", "_"): v for k, v in read_yaml_values(args.config).items()} if args.config else {}
     overrides.update({f.name: getattr(args, f.name) for f in fields(DAPOConfig) if getattr(args, f.name) is not None})
-    return resumed_config(args.resume, overrides)
+    return resumed_config(args.resume, overrides, checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "--reward) or a built-in --task's held-out prompts; prints avg@k, pass@k, mean length.")
     p_eval.add_argument("--config", help="YAML file of config fields")
     p_eval.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p_eval.add_argument("--trust-run-rewards", action="store_true", help="import the reward functions named in a "
+                        "run directory's saved config (files and modules are Python code run on import); without "
+                        "it only built-in rewards and those given with --reward are used")
     add_config_arguments(p_eval)
     p_plot = sub.add_parser("plot", help="draw a PNG dashboard of one or more run directories",
                             description="Plot reward, accuracy, length, entropy, clipping, KL, dynamic sampling "
@@ -87,8 +91,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dapo.progress import print_summary, summary_rows
     from dapo.trainer import train
 
-    config = resumed_config_from_args(args) if args.resume else config_from_args(args)
-    result = train(config, resume=args.resume)
+    if args.resume:
+        from dapo.resume import find_checkpoint
+        from dapo.rundir import acquire_run_lock
+
+        if not Path(args.resume).is_dir():
+            raise ResumeError(f"cannot resume: run directory {args.resume} does not exist")
+        # Lock first: a second `--resume` of a live run stops here, before it reads or changes anything.
+        with acquire_run_lock(args.resume):
+            config = resumed_config_from_args(args, find_checkpoint(args.resume))
+            result = train(config, resume=args.resume)
+    else:
+        config = config_from_args(args)
+        result = train(config)
     name = "share of answers that are exactly \"5\"" if config.task == "digit" and config.data is None else "accuracy"
     if result.eval_after:
         avg = next(key for key in result.eval_after if key.startswith("avg@"))  # avg@1 when greedy
@@ -108,7 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dapo.evaluate import eval_config, evaluate_config, format_table
 
     overrides = {f.name: getattr(args, f.name) for f in fields(DAPOConfig) if getattr(args, f.name) is not None}
-    config = eval_config(overrides, args.config)
+    config = eval_config(overrides, args.config, trust_run_rewards=args.trust_run_rewards)
     scores = evaluate_config(config)
     mode = "greedy" if config.eval_temperature == 0 else f"temperature {config.eval_temperature}, top-p {config.eval_top_p}"
     print(format_table(scores, f"-- {config.model}: {int(scores['num_prompts'])} prompts, {mode}"))

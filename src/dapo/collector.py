@@ -21,7 +21,7 @@ import torch
 from dapo.batch import TrainBatch
 from dapo.config import DAPOConfig
 from dapo.data import PromptSampler
-from dapo.errors import DynamicSamplingExhausted
+from dapo.errors import DynamicSamplingExhausted, oom_guard
 from dapo.progress import NullProgress, Progress
 from dapo.rewards import combine, overlong_penalty
 from dapo.rollout import RolloutEngine, SamplingParams
@@ -48,7 +48,8 @@ class BatchCollector:
         """Sample G responses for each training record in `indices` and score them."""
         c, records = self.config, self.sampler.records
         prompts = [self.prompt_ids[i] for i in indices]
-        samples = self.engine.generate(prompts, c.group_size, self.sampling)
+        with oom_guard("generation", c):
+            samples = self.engine.generate(prompts, c.group_size, self.sampling)
         rows = [(i, p, s, j) for i, p, s in zip(indices, prompts, samples) for j in range(len(s.response_ids))]
         response_ids = [s.response_ids[j] for _, _, s, j in rows]
         texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)

@@ -132,6 +132,8 @@ class DAPOConfig:
                                 group="output")
     save_every: int = _f(0, "Save a checkpoint every N train steps (0: only at the end).", group="output")
     keep_last: int = _f(2, "Checkpoints kept in the run directory.", group="output")
+    overwrite: bool = _f(False, "Let a new run replace the run already in --output-dir (its metrics, samples and "
+                         "checkpoints are deleted first); without it such a directory is refused.", group="output")
     verbose: bool = _f(True, "Print every sampled response and grad step as the seed example does; "
                        "--no-verbose shows a progress display instead.", group="output")
     log_samples_every: int = _f(5, "Write the train batch's completions (prompt, completion, reward, advantage, "
@@ -163,6 +165,8 @@ class DAPOConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (0 <= self.seed < 2**32):
+            raise ConfigError(f"seed must be an integer in [0, 2**32 - 1] (NumPy's range), got {self.seed}")
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2 (advantages compare responses within a group), "
                               f"got {self.group_size}")
@@ -239,9 +243,20 @@ def read_yaml_values(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line "
+                          f"{line}); save it as UTF-8") from None
+    try:
+        values = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        first = " ".join(str(e).split())
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
     return values
@@ -253,7 +268,7 @@ def read_yaml_values(path: str | Path) -> dict[str, Any]:
 RESUME_SAFE_FIELDS = frozenset({
     "verbose", "output_dir", "train_steps", "save_every", "keep_last", "max_bad_steps",
     "eval_every", "eval_samples", "eval_temperature", "eval_top_p", "max_eval_prompts", "eval_data", "eval_split",
-    "threads", "device", "max_tokens_per_micro_batch", "reward_timeout",
+    "threads", "device", "max_tokens_per_micro_batch", "reward_timeout", "overwrite",
 })
 
 

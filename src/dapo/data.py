@@ -119,6 +119,8 @@ def _read_rows(source: str, split: str) -> list[dict[str, Any]]:
             if builder is None:
                 raise DataError(f"{source!r}: unsupported file type {path.suffix!r}; use "
                                 f"{', '.join(sorted(_FILE_BUILDERS))}, a directory, or a datasets id")
+            if builder in ("json", "csv"):
+                check_utf8(path)
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         else:
             if not path.exists() and (source.startswith((".", "/", "~")) or Path(source).suffix in _FILE_BUILDERS):
@@ -133,7 +135,42 @@ def _read_rows(source: str, split: str) -> list[dict[str, Any]]:
     except Exception as e:  # noqa: BLE001 - parse errors, missing hub ids, no network: one message
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataError(f"could not read dataset {source!r} ({type(e).__name__}: {first})") from e
-    return ds.to_list()
+    try:
+        return ds.to_list()
+    except Exception as e:  # noqa: BLE001 - e.g. bytes that are not UTF-8 inside a directory's files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"could not read dataset {source!r} ({type(e).__name__}: {first})") from e
+
+
+def check_utf8(path: Path) -> None:
+    """Raise DataError naming the line of the first byte sequence in a text data file that is not UTF-8."""
+    with Path(path).open("rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"data file {str(path)!r}, line {number}: byte 0x{line[e.start]:02x} is not UTF-8 "
+                                "text; re-encode the file as UTF-8") from None
+
+
+def check_template(template: str) -> list[str]:
+    """The column names a prompt template uses; only plain '{column}' fields (with an optional
+    format spec) are allowed: '{prompt.x}' or '{row[0]}' would reach into Python objects."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise DataError(f"prompt_template {template!r} is not a valid format string: {e}") from None
+    names = []
+    for _, field_name, _, _ in parsed:
+        if field_name is None:
+            continue
+        if not field_name.isidentifier():
+            raise DataError(f"prompt_template {template!r}: field {{{field_name}}} must name a column, as in "
+                            "'{question}' (no attribute access, indexing or positional fields)")
+        names.append(field_name)
+    return names
 
 
 def normalize_records(rows: Sequence[dict[str, Any]], *, prompt_column: str = "prompt",
@@ -147,6 +184,8 @@ def normalize_records(rows: Sequence[dict[str, Any]], *, prompt_column: str = "p
     if not rows:
         raise DataError(f"{source!r}: the dataset is empty")
     columns = list(rows[0])
+    if prompt_template is not None:
+        check_template(prompt_template)
     out = []
     for i, row in enumerate(rows):
         record = dict(row)

@@ -61,3 +61,68 @@ class TrainingInterrupted(DapoError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+class OutOfMemory(DapoError):
+    """A batch did not fit in memory (GPU or CPU); the message names the settings that size it.
+
+    `during_update` is True when parameters may have moved in the unfinished train step (an
+    out-of-memory error in the forward/backward), so its state must not be checkpointed."""
+
+    def __init__(self, message: str, during_update: bool = False) -> None:
+        super().__init__(message)
+        self.during_update = during_update
+
+
+_OOM_MARKERS = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory",
+                "failed to allocate")
+
+# What to lower, by stage.
+_OOM_HINTS = {
+    "training": ("lower max_tokens_per_micro_batch (now {max_tokens_per_micro_batch}); it bounds the tokens of one "
+                 "forward/backward without changing the gradient. A single response longer than it still needs "
+                 "room for group_size (now {group_size}) x max_new_tokens (now {max_new_tokens}) tokens"),
+    "generation": ("lower group_size (now {group_size}), gen_batch_size (now {gen_batch_size}) or max_new_tokens "
+                   "(now {max_new_tokens}): generation holds a KV cache for all of them at once"),
+    "evaluation": ("lower eval_samples (now {eval_samples}) or max_eval_prompts (now {max_eval_prompts}): "
+                   "evaluation samples them all at once"),
+}
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch.OutOfMemoryError, or a RuntimeError from an allocator (CPU: 'DefaultCPUAllocator:
+    can't allocate memory', MPS/others: 'not enough memory')."""
+    name = type(e).__name__
+    if name == "OutOfMemoryError":
+        return True
+    return isinstance(e, (RuntimeError, MemoryError)) and (
+        isinstance(e, MemoryError) or any(m in str(e).lower() for m in _OOM_MARKERS))
+
+
+class oom_guard:  # noqa: N801 - used as `with oom_guard("training", config):`
+    """Turn an out-of-memory error inside the block into OutOfMemory naming what to lower.
+
+    stage: 'training' (forward/backward), 'generation' (rollouts) or 'evaluation'."""
+
+    def __init__(self, stage: str, config: object) -> None:
+        self.stage, self.config = stage, config
+
+    def __enter__(self) -> "oom_guard":
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if exc is None or isinstance(exc, DapoError) or not is_out_of_memory(exc):
+            return False
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001 - freeing memory is best effort
+            pass
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        hint = _OOM_HINTS[self.stage].format(**{k: getattr(self.config, k, "?") for k in (
+            "max_tokens_per_micro_batch", "group_size", "max_new_tokens", "gen_batch_size", "eval_samples",
+            "max_eval_prompts")})
+        raise OutOfMemory(f"out of memory during {self.stage} ({first}); {hint}, or use a smaller model or "
+                          "--dtype bfloat16", during_update=self.stage == "training") from exc

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dapo.checkpoint import latest_checkpoint
+from dapo.checkpoint import intact_checkpoint, list_checkpoints, verify_checkpoint
 from dapo.data import Record, encode_prompt
-from dapo.errors import DataError, ModelLoadError
+from dapo.errors import DataError, ModelLoadError, oom_guard
 from dapo.models import stop_token_ids
-from dapo.rewards import RewardFn
+from dapo.rewards import BUILTIN_REWARDS, RewardFn
 from dapo.rollout import HFEngine, RolloutEngine, SamplingParams
 from dapo.scorer import RewardScorer
 
@@ -123,35 +123,51 @@ def format_table(scores: dict[str, float], title: str | None = None) -> str:
 # --- `dapo eval` ---------------------------------------------------------------------------------
 
 def resolve_model(name: str) -> tuple[str, Path | None]:
-    """A model id or directory as it is; a run directory becomes its newest complete checkpoint.
+    """A model id or directory as it is; a run directory becomes its newest intact checkpoint
+    (a damaged newer one is skipped with a warning; checkpoint.verify_checkpoint); a checkpoint
+    directory named directly must be intact.
 
     Returns (model path or id, the checkpoint's saved dapo_config.yaml or None).
     """
     path = Path(name).expanduser()
     if path.is_dir() and (path / "checkpoints").is_dir():
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
+        if not list_checkpoints(path):
             raise ModelLoadError(f"run directory {name!r} has no complete checkpoint under checkpoints/")
+        ckpt = intact_checkpoint(path, need_state=False, what="evaluating")
+        if ckpt is None:
+            raise ModelLoadError(f"every checkpoint of run directory {name!r} is damaged (see the warnings above)")
         path = ckpt
+    elif path.is_dir() and (path / "COMPLETE").is_file():
+        problem = verify_checkpoint(path, need_state=False)
+        if problem is not None:
+            raise ModelLoadError(f"checkpoint {name!r} is damaged: {problem}")
     saved = path / "dapo_config.yaml"
     return (str(path), saved) if path.is_dir() and saved.is_file() else (name, None)
 
 
-def eval_config(overrides: dict[str, Any], config_file: str | None = None) -> "DAPOConfig":
+def eval_config(overrides: dict[str, Any], config_file: str | None = None,
+                trust_run_rewards: bool = False) -> "DAPOConfig":
     """The config of `dapo eval`: a checkpoint's saved config (when --model is a run or checkpoint
-    directory), then --config, then command-line options. `--data` names the evaluation set."""
-    import yaml
+    directory), then --config, then command-line options. `--data` names the evaluation set.
 
-    from dapo.config import DAPOConfig
+    A run directory is data, not code: of the saved config's reward functions only built-in names
+    are kept; file and module rewards are imported only when given again with --reward or when
+    `trust_run_rewards` (--trust-run-rewards) says the run directory is trusted."""
+    from dapo.config import DAPOConfig, read_yaml_values
 
     values: dict[str, Any] = {}
     model, saved = resolve_model(str(overrides.get("model", "default")))
     if saved is not None:
-        values.update(yaml.safe_load(saved.read_text()) or {})
+        values.update(read_yaml_values(saved))
         values.pop("output_dir", None)
+        values.pop("overwrite", None)
+        if not trust_run_rewards and not overrides.get("reward"):
+            _drop_untrusted_rewards(values, saved)
     if config_file:
         values.update(DAPOConfig.from_yaml(config_file).to_dict())
     values.update(overrides)
+    if overrides.get("reward") and not overrides.get("reward_weights"):
+        values["reward_weights"] = []  # the saved weights belong to the saved reward functions
     values["model"] = model
     if overrides.get("data") is not None:
         values["eval_data"] = overrides["data"]
@@ -164,6 +180,20 @@ def eval_config(overrides: dict[str, Any], config_file: str | None = None) -> "D
                         f"evaluation set with --data test.jsonl")
     values["data"] = None  # evaluation never reads the training set
     return DAPOConfig.from_dict(values, source="dapo eval")
+
+
+def _drop_untrusted_rewards(values: dict[str, Any], saved: Path) -> None:
+    """Keep the saved config's built-in rewards; refuse when the judge (the first) is code."""
+    specs = [str(s) for s in values.get("reward") or []]
+    untrusted = [s for s in specs if s not in BUILTIN_REWARDS]
+    if not untrusted:
+        return
+    if specs[0] in untrusted:
+        raise DataError(f"{saved} names reward functions that are code ({', '.join(untrusted)}); dapo eval does not "
+                        "import code from a run directory. Pass the judge yourself with --reward (e.g. --reward "
+                        f"{specs[0]}) or add --trust-run-rewards if you trust this run directory")
+    values["reward"] = [specs[0]]  # the judge alone decides correctness; the other rewards are not needed
+    values["reward_weights"] = []
 
 
 def evaluate_config(config: "DAPOConfig") -> dict[str, float]:
@@ -182,8 +212,8 @@ def evaluate_config(config: "DAPOConfig") -> dict[str, float]:
     records = task.eval[: c.max_eval_prompts or None]
     engine = HFEngine(model, tokenizer.pad_token_id, c.shared_prompt)
     stop_ids = stop_token_ids(model, tokenizer)
-    with RewardScorer([], task.accuracy, accuracy_name=task.accuracy_name, timeout=c.reward_timeout,
-                      on_error=c.reward_errors) as scorer:
+    with oom_guard("evaluation", c), RewardScorer([], task.accuracy, accuracy_name=task.accuracy_name,
+                                                  timeout=c.reward_timeout, on_error=c.reward_errors) as scorer:
         return evaluate(engine, tokenizer, records, scorer, k=c.eval_samples, temperature=c.eval_temperature,
                         top_p=c.eval_top_p, max_new_tokens=c.max_new_tokens, max_prompt_len=c.max_prompt_len,
                         system_prompt=c.system_prompt, stop_ids=sorted(stop_ids))

@@ -60,10 +60,35 @@ def sample_rows(batch: Any, records: Sequence[dict[str, Any]]) -> list[dict[str,
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines log. A torn last line (no newline: the writer was killed) is left
+    out with a warning; any other unreadable line raises DapoError naming the file and line."""
+    import sys
+
+    from dapo.errors import DapoError
+
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    rows = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        last = number == len(lines)  # no newline after it
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if last:
+                print(f"dapo: warning: {path}: ignoring the torn last line {number} (a run killed while writing "
+                      "it)", file=sys.stderr)
+                continue
+            raise DapoError(f"{path}, line {number} is not a JSON object ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:100]})") from None
+        rows.append(row)
+    return rows
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

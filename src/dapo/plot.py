@@ -79,7 +79,7 @@ def points(run: RunData, key: str) -> tuple[list[float], list[float]]:
     for r in rows:
         v = r.get(name)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            xs.append(r["step"])
+            xs.append(r.get("step", 0))
             ys.append(float(v))
     return xs, ys
 

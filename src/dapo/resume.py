@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dapo.checkpoint import latest_checkpoint
+from dapo.checkpoint import intact_checkpoint, list_checkpoints
 from dapo.config import DAPOConfig, run_changing_differences
 from dapo.errors import ConfigError, ResumeError
 
@@ -46,17 +47,26 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 # --- config -----------------------------------------------------------------------------------
 def find_checkpoint(run_dir: Path) -> Path:
-    """The newest complete checkpoint of `run_dir`."""
+    """The newest intact checkpoint of `run_dir` (checkpoint.verify_checkpoint): a damaged newer
+    one (truncated or missing file, sha256 mismatch, unreadable config, non-finite weights,
+    trainer state missing keys) is skipped with a warning naming its problem."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ResumeError(f"cannot resume: run directory {run_dir} does not exist")
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
+    complete = list_checkpoints(run_dir)
+    if not complete:
         raise ResumeError(f"cannot resume: {run_dir} holds no complete checkpoint (checkpoints/step-*/COMPLETE)")
+    checkpoint = intact_checkpoint(run_dir, need_state=True, what="resuming")
+    if checkpoint is None:
+        raise ResumeError(f"cannot resume: every checkpoint of {run_dir} is damaged "
+                          f"({', '.join(p.name for p in complete)}; the warnings above say how)")
+    if checkpoint != complete[-1]:
+        print(f"dapo: warning: resuming {run_dir} from {checkpoint.name}, the newest intact checkpoint; the steps "
+              "after it run again", file=sys.stderr, flush=True)
     return checkpoint
 
 
-def resumed_config(run_dir: Path, overrides: dict[str, Any]) -> DAPOConfig:
+def resumed_config(run_dir: Path, overrides: dict[str, Any], checkpoint: Path | None = None) -> DAPOConfig:
     """The config a resumed run trains with: the checkpoint's own config with `overrides` applied.
 
     Raises ResumeError naming every field whose change would change the run.
@@ -64,14 +74,19 @@ def resumed_config(run_dir: Path, overrides: dict[str, Any]) -> DAPOConfig:
     run_dir = Path(run_dir)
     if overrides.get("output_dir") not in (None, str(run_dir)):
         raise ConfigError("--output-dir cannot be combined with --resume: the run directory is the one resumed")
-    saved = DAPOConfig.from_yaml(find_checkpoint(run_dir) / "dapo_config.yaml")
+    if overrides.get("overwrite"):
+        raise ConfigError("--overwrite cannot be combined with --resume: resuming continues the run in place")
+    saved = DAPOConfig.from_yaml((checkpoint or find_checkpoint(run_dir)) / "dapo_config.yaml")
     config = DAPOConfig.from_dict({**saved.to_dict(), **overrides, "output_dir": str(run_dir)})
     check_resumable(saved, config)
     return config
 
 
 def check_resumable(saved: DAPOConfig, requested: DAPOConfig) -> None:
-    differences = run_changing_differences(saved, requested)
+    from dapo.rundir import run_dir_config
+
+    # Compared as stored in the run directory: a relative path and its absolute form are the same.
+    differences = run_changing_differences(run_dir_config(saved), run_dir_config(requested))
     if differences:
         raise ResumeError("cannot resume with a config that changes the run; these fields differ from the "
                           f"checkpoint: {'; '.join(differences)}. Start a new run instead, or change only "
@@ -84,15 +99,15 @@ def truncate_jsonl(path: Path, step: int) -> None:
     log those steps twice. Rewritten atomically; a missing file is left missing."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and _row_step(line) <= step]
+    kept = [line for line in path.read_bytes().splitlines(keepends=True)
+            if line.strip() and line.endswith(b"\n") and _row_step(line) <= step]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
+    tmp.write_bytes(b"".join(kept))
     os.replace(tmp, path)
 
 
-def _row_step(line: str) -> float:
+def _row_step(line: bytes) -> float:
     try:
-        return float(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return float("inf")  # a torn last line from a killed process
+        return float(json.loads(line.decode("utf-8")).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return float("inf")  # a torn last line from a killed process, or garbage

@@ -36,7 +36,8 @@ from dapo.checkpoint import (check_run_dir, checkpoint_dir, checkpoint_step, est
 from dapo.collector import BatchCollector
 from dapo.config import DAPOConfig
 from dapo.data import PromptSampler, encode_prompt
-from dapo.errors import DapoError, DynamicSamplingExhausted, ResumeError, TrainingDiverged, TrainingInterrupted
+from dapo.errors import (DapoError, DynamicSamplingExhausted, OutOfMemory, ResumeError, TrainingDiverged,
+                         TrainingInterrupted, oom_guard)
 from dapo.evaluate import evaluate
 from dapo.metrics import MetricsLogger, sample_rows
 from dapo.models import load_model, load_tokenizer, pick_device, stop_token_ids
@@ -44,6 +45,7 @@ from dapo.progress import NullProgress, Progress, make_progress
 from dapo.resume import capture_rng, check_resumable, restore_rng, truncate_jsonl
 from dapo.rewards import RewardFunction
 from dapo.rollout import HFEngine, RolloutEngine
+from dapo.rundir import acquire_run_lock, claim_run_dir, prepare_run_dir
 from dapo.scorer import RewardScorer
 from dapo.tasks import Task, build_task, reward_functions
 from dapo.trackers import make_trackers
@@ -115,7 +117,8 @@ class Trainer:
         """
         c = self.config
         start = time.perf_counter()
-        with self._stop_on_signal(), self._outputs() as (logger, trackers, progress):
+        self._final_checkpoint: Path | None = None
+        with self._stop_on_signal(), acquire_run_lock(self.run_dir), self._outputs() as (logger, trackers, progress):
             if self._resume_note:
                 progress.note(self._resume_note)
             try:
@@ -135,7 +138,8 @@ class Trainer:
                                                         normalize_std=c.normalize_std).flatten()
                     progress.training(self.step + 1)
                     t1 = time.perf_counter()
-                    stats.update(self.actor.update(batch, self.step + 1, on_grad_step=self._grad_step_done))
+                    with oom_guard("training", c):
+                        stats.update(self.actor.update(batch, self.step + 1, on_grad_step=self._grad_step_done))
                     self.engine.sync_weights(self.model)
                     stats.update(self._timings(stats, t0, t1))
                     stats["optimizer_steps"] = self.actor.optimizer_steps
@@ -151,8 +155,13 @@ class Trainer:
                         raise TrainingInterrupted(f"Interrupted at step {self.step}; resume with: dapo train "
                                                   f"--resume {self.run_dir}", self.stop_signal)
                 progress.close()
+                checkpoint = self.save()  # before the final evaluation: a kill during it loses nothing trained
+                if self.stop_signal is not None:
+                    raise TrainingInterrupted(f"Interrupted at the end of training: all {self.step} train steps are "
+                                              f"saved in {checkpoint}; the final evaluation was skipped (dapo eval "
+                                              f"--model {self.run_dir} runs it)", self.stop_signal)
+                self._final_checkpoint = checkpoint  # from here on a signal stops the final evaluation at once
                 after = self._evaluate(logger, trackers, "after training")
-                checkpoint = self.save()
             except TrainingDiverged as e:
                 last = latest_checkpoint(self.run_dir)
                 raise TrainingDiverged(f"{e} " + (f"The last good checkpoint is {last}." if last else
@@ -161,7 +170,8 @@ class Trainer:
             except DapoError as e:
                 # Nothing trained is lost: a run stopped by bad input (a reward function that raises,
                 # dynamic sampling exhausted...) keeps its last completed step.
-                if self.step and not isinstance(e, TrainingInterrupted):
+                if (self.step and not isinstance(e, TrainingInterrupted)
+                        and not (isinstance(e, OutOfMemory) and e.during_update)):  # a half-updated step
                     self._save_if_new()
                 raise
         return TrainResult(self.run_dir, checkpoint, before, after, history, time.perf_counter() - start, self.step)
@@ -203,7 +213,8 @@ class Trainer:
     def _evaluate(self, logger: MetricsLogger | None, trackers: Any, label: str) -> dict[str, float]:
         """Evaluate now; the scores go to eval.jsonl and the trackers under eval/ at the current step."""
         self.progress.phase(f"Evaluating {label}")
-        scores = self.evaluate()
+        with oom_guard("evaluation", self.config):
+            scores = self.evaluate()
         if scores and logger is not None:
             logger.log_eval(self.step, scores)
             trackers.log(self.step, {f"eval/{k}": v for k, v in scores.items()})
@@ -220,7 +231,7 @@ class Trainer:
             yield None, None, self.progress
             return
         check_run_dir(self.run_dir, estimate_checkpoint_bytes(self.model))
-        c.to_yaml(self.run_dir / "config.yaml")
+        prepare_run_dir(self.run_dir, c, resuming=self.resumed_from is not None)  # refuses another run's directory
         logger = MetricsLogger(self.run_dir, resume=self.resumed_from is not None)
         trackers = make_trackers(c.trackers, self.run_dir, c.to_dict())
         self.progress = self.collector.progress = make_progress(c.verbose)
@@ -298,8 +309,14 @@ class Trainer:
             self.stop_signal = signum
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            self._warn(f"\ndapo: {signal.Signals(signum).name} received; stopping after train step {self.step + 1} "
-                       "and writing a checkpoint (press Ctrl-C again to quit at once)")
+            final = getattr(self, "_final_checkpoint", None)
+            if final is not None:  # everything is saved: stop the final evaluation now
+                raise TrainingInterrupted(f"Stopped during the final evaluation; training finished at step "
+                                          f"{self.step}, saved in {final}", signum)
+            what = (f"stopping after train step {self.step + 1} and writing a checkpoint"
+                    if self.step < self.config.train_steps else
+                    f"training is done (step {self.step}); writing its checkpoint and skipping the final evaluation")
+            self._warn(f"\ndapo: {signal.Signals(signum).name} received; {what} (press Ctrl-C again to quit at once)")
 
         for s in previous:
             signal.signal(s, request_stop)
@@ -316,11 +333,19 @@ def train(config: DAPOConfig, resume: str | Path | None = None, **parts: Any) ->
     newest complete checkpoint; `config` must then differ from the run's only in harmless fields."""
     from dapo.resume import find_checkpoint
 
-    trainer = Trainer(config, **parts)
     if resume is not None:
-        trainer.run_dir = Path(resume)
-        trainer.restore(find_checkpoint(trainer.run_dir))
-    return trainer.fit()
+        if not Path(resume).is_dir():
+            raise ResumeError(f"cannot resume: run directory {resume} does not exist")
+        with acquire_run_lock(resume):  # held from choosing the checkpoint to the end of the run
+            trainer = Trainer(config, **parts)
+            trainer.run_dir = Path(resume)
+            trainer.restore(find_checkpoint(trainer.run_dir))
+            return trainer.fit()
+    if config.output_dir is not None:  # refuse (or clear) another run's directory before loading anything
+        with acquire_run_lock(config.output_dir):
+            claim_run_dir(config.output_dir, config.overwrite, resuming=False, clear=False)
+            return Trainer(config, **parts).fit()
+    return Trainer(config, **parts).fit()
 
 
 def seed_everything(seed: int) -> None:
