@@ -20,7 +20,7 @@ from dapo.checkpoint import latest_checkpoint
 from dapo.data import Record, encode_prompt
 from dapo.errors import DataError, ModelLoadError
 from dapo.models import stop_token_ids
-from dapo.rewards import RewardFn, RewardFunction, score_group
+from dapo.rewards import RewardFn, RewardFunction, TrainerState, score_group
 from dapo.rollout import generate
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def evaluate(
     model: torch.nn.Module,
     tokenizer: Any,
     records: Sequence[Record],
-    accuracy: RewardFn,
+    accuracy: RewardFn | RewardFunction,
     *,
     k: int = 32,
     temperature: float = 1.0,
@@ -64,8 +64,10 @@ def evaluate(
     system_prompt: str | None = None,
     reward_timeout: float = 0.0,
     reward_errors: str = "raise",
+    trainer_state: TrainerState | None = None,
 ) -> dict[str, float]:
-    """Sample k answers per record and score them with `accuracy` (score >= 1 is correct).
+    """Sample k answers per record and score them with `accuracy` (score >= 1 is correct; None,
+    "does not apply", is not). Errors name the function by its own name, or the RewardFunction's.
 
     Returns avg@k, pass@k, response_length (mean tokens) and num_prompts, and the same as
     "<level>/avg@k" etc. for each value of a "level" column. Greedy decoding (temperature 0)
@@ -80,12 +82,13 @@ def evaluate(
     prompts = [encode_prompt(tokenizer, r["prompt"], system_prompt, max_prompt_len) for r in records]
     outs = generate(model, prompts, k, max_new_tokens, eos, tokenizer.pad_token_id, temperature, top_p)
     model.train(was_training)
-    judge = [RewardFunction("accuracy", accuracy)]
+    judge = [accuracy if isinstance(accuracy, RewardFunction) else RewardFunction(accuracy)]
     correct: list[int] = []
     lengths: list[list[int]] = []
     for record, (responses, _) in zip(records, outs):
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        scores = score_group(judge, record, texts, timeout=reward_timeout, on_error=reward_errors).scores[:, 0]
+        scores = score_group(judge, record, texts, timeout=reward_timeout, on_error=reward_errors,
+                             completion_ids=responses, trainer_state=trainer_state).scores[:, 0]
         correct.append(int((scores >= 1.0).sum()))
         lengths.append([len(r) for r in responses])
     out = summarize(correct, k, [n for ls in lengths for n in ls])

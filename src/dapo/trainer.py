@@ -43,10 +43,10 @@ from dapo.models import load_model, load_tokenizer, pick_device, stop_token_ids
 from dapo.progress import NullProgress, Progress, make_progress
 from dapo.resume import (capture_rng, check_resumable, group_from_state, group_to_state, restore_rng,
                          truncate_jsonl)
-from dapo.rewards import RewardFunction, combine, overlong_penalty, score_group
+from dapo.rewards import RewardFunction, TrainerState, combine, overlong_penalty, score_group
 from dapo.rollout import Group, generate
 from dapo.sampling import DynamicSamplingBuffer, informative_groups
-from dapo.tasks import Task, build_task, reward_functions
+from dapo.tasks import Task, build_task, reward_functions, use_reward_fns
 from dapo.trackers import make_trackers
 
 
@@ -68,8 +68,9 @@ class Run:
         self.config = c = config
         seed_everything(c.seed)
         # Data and reward functions first: a bad file or reward spec fails before the model loads.
-        self.task = task if task is not None else build_task(c)
-        self.reward_fns = reward_fns if reward_fns is not None else reward_functions(self.task, c.reward_weights)
+        self.task = task if task is not None else build_task(c, rewards_given=reward_fns is not None)
+        self.reward_fns = (use_reward_fns(self.task, reward_fns, c) if reward_fns is not None
+                           else reward_functions(self.task, c.reward_weights))
         torch.set_num_threads(c.threads or os.cpu_count() or 1)
         self.device = pick_device(c.device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(c.model)
@@ -134,7 +135,8 @@ class Run:
         errors = 0
         for g in groups:
             scored = score_group(self.reward_fns, g.record, g.completions, timeout=c.reward_timeout,
-                                 on_error=c.reward_errors)
+                                 on_error=c.reward_errors, completion_ids=g.response_ids,
+                                 trainer_state=self.trainer_state())
             if scored.first_error and not errors:
                 self.say(f"Reward error scored 0: {scored.first_error}")
             errors += scored.errors
@@ -149,8 +151,9 @@ class Run:
         if self.reward_fns and self.task.accuracy is self.reward_fns[0].fn:
             return (g.scores[:, 0] >= 1.0).float().tolist()  # already computed: no second call
         c = self.config
-        scored = score_group([RewardFunction("accuracy", self.task.accuracy)], g.record, g.completions,
-                             timeout=c.reward_timeout, on_error=c.reward_errors)
+        scored = score_group([RewardFunction(self.task.accuracy)], g.record, g.completions,
+                             timeout=c.reward_timeout, on_error=c.reward_errors, completion_ids=g.response_ids,
+                             trainer_state=self.trainer_state())
         return (scored.scores[:, 0] >= 1.0).float().tolist()
 
     def collect_batch(self) -> tuple[list[Group], dict[str, float]]:
@@ -191,7 +194,7 @@ class Run:
                 lengths.extend(g.lengths.tolist())
                 truncated += sum(g.truncated)
                 stats["gen_tokens"] += int(g.lengths.sum())
-                score_sums += g.scores.sum(dim=0)
+                score_sums += g.scores.nansum(dim=0)  # None (NaN): the function did not apply
                 if self.task.accuracy is not None:
                     hits = self.group_hits(g)
                     correct += sum(hits)
@@ -360,7 +363,13 @@ class Run:
             return evaluate(self.model, self.tokenizer, records, self.task.accuracy, k=c.eval_samples,
                             temperature=c.eval_temperature, top_p=c.eval_top_p, max_new_tokens=c.max_new_tokens,
                             max_prompt_len=c.max_prompt_len, system_prompt=c.system_prompt,
-                            reward_timeout=c.reward_timeout, reward_errors=c.reward_errors)
+                            reward_timeout=c.reward_timeout, reward_errors=c.reward_errors,
+                            trainer_state=self.trainer_state())
+
+    def trainer_state(self) -> TrainerState:
+        """TRL's `trainer_state` argument of reward functions: steps done, the run's length, data epochs."""
+        return TrainerState(global_step=self.step, max_steps=self.config.train_steps,
+                            epoch=self.sampler.prompts_consumed / max(len(self.sampler.records), 1))
 
     def train(self) -> TrainResult:
         """Train to `train_steps`, from step 0 or from the checkpoint `restore` loaded.
