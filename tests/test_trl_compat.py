@@ -164,8 +164,9 @@ def test_readme_documents_train_arguments_and_train_result():
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     section = readme[readme.index("### Python API"):readme.index("## Configuration")]
-    for name in ("reward_fns", "task", "model", "tokenizer", "resume", "RewardFunction", "accuracy_reward"):
-        assert f"`{name}" in section, name
+    for name in ("reward_fns", "task", "model", "tokenizer", "resume", "config.accuracy_reward"):
+        assert f"`{name}`" in section, name
+    assert "`dapo.RewardFunction(" in section
     for f in fields(TrainResult):
         assert f"`{f.name}`" in section, f.name
     assert "dapo.RewardFunction" in readme and "RewardFunction" in dapo.__all__
