@@ -68,7 +68,8 @@ class Run:
         self.config = c = config
         seed_everything(c.seed)
         # Data and reward functions first: a bad file or reward spec fails before the model loads.
-        self.task = task if task is not None else build_task(c, rewards_given=reward_fns is not None)
+        self.task = (task if task is not None else build_task(c) if reward_fns is None
+                     else build_task(c, rewards_given=True))
         self.reward_fns = (use_reward_fns(self.task, reward_fns, c) if reward_fns is not None
                            else reward_functions(self.task, c.reward_weights))
         torch.set_num_threads(c.threads or os.cpu_count() or 1)
