@@ -96,7 +96,9 @@ def test_columns_reach_trl_functions_and_extra_columns_are_dropped_for_narrow_on
 
     record = {"prompt": "p", "answer": "b", "level": "easy"}
     scored = score_group([RewardFunction("wide", wide), RewardFunction("narrow", narrow, 2.0)], record, ["a", "b"])
-    assert seen == {"answer": ["b", "b"], "level": ["easy", "easy"]}
+    # the columns, and (as in TRL) completion_ids, trainer_state, log_extra and log_metric
+    assert {k: seen[k] for k in ("answer", "level")} == {"answer": ["b", "b"], "level": ["easy", "easy"]}
+    assert set(seen) == {"answer", "level", "completion_ids", "trainer_state", "log_extra", "log_metric"}
     assert scored.scores.tolist() == [[1.0, 0.0], [1.0, 1.0]]
     torch.testing.assert_close(combine(scored.scores, [1.0, 2.0]), torch.tensor([1.0, 3.0]))
 
@@ -157,7 +159,6 @@ def test_worker_returns_values_and_errors():
 
 @pytest.mark.parametrize("returned, problem", [
     (None, "returned None instead of a list of 2 floats"),
-    ([1.0, None], "returned None for completion 1"),
     ([float("inf"), 1.0], "returned inf for completion 0"),
     ([1.0, 2.0, 3.0], "returned 3 values for 2 completions"),
     ("11", "returned '11' instead of a list"),
@@ -177,6 +178,9 @@ def test_reward_errors_zero_counts_them():
 
     scored = score_completions([good, nan_one, RewardFunction("boom", boom)], ["p"] * 3, ["a", "b", "c"], {},
                                on_error="zero")
-    assert scored.scores.tolist() == [[1.0, 0.5, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
-    assert scored.errors == 2 + 3  # two bad values, then a whole call of three
+    # None is TRL's "does not apply" (NaN, left out of the sum), not an error
+    assert torch.equal(scored.scores.isnan(), torch.tensor([[False, False, False], [False, False, False],
+                                                            [False, True, False]]))
+    assert scored.scores.nan_to_num(-1).tolist() == [[1.0, 0.5, 0.0], [1.0, 0.0, 0.0], [1.0, -1.0, 0.0]]
+    assert scored.errors == 1 + 3  # one bad value, then a whole call of three
     assert "'nan_one' returned nan for completion 1" in scored.first_error

@@ -23,7 +23,7 @@ from dapo.config import DAPOConfig
 from dapo.data import PromptSampler
 from dapo.errors import DynamicSamplingExhausted, oom_guard
 from dapo.progress import NullProgress, Progress
-from dapo.rewards import combine, overlong_penalty
+from dapo.rewards import TrainerState, combine, overlong_penalty
 from dapo.rollout import RolloutEngine, SamplingParams
 from dapo.sampling import DynamicSamplingBuffer, informative_groups
 from dapo.scorer import RewardScorer
@@ -41,6 +41,7 @@ class BatchCollector:
                                        tuple(sorted(stop_token_ids)))
         self.buffer: DynamicSamplingBuffer[TrainBatch] = DynamicSamplingBuffer(config.train_batch_size)
         self.progress: Progress = progress or NullProgress()
+        self.step = 0  # train steps completed
         self.reward_errors = 0  # values scored 0 for an error in the current step (reward_errors="zero")
 
     # --- one round -------------------------------------------------------------------------------
@@ -53,7 +54,8 @@ class BatchCollector:
         rows = [(i, p, s, j) for i, p, s in zip(indices, prompts, samples) for j in range(len(s.response_ids))]
         response_ids = [s.response_ids[j] for _, _, s, j in rows]
         texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        scored = self.scorer.score([records[i] for i, _, _, _ in rows], texts)
+        scored = self.scorer.score([records[i] for i, _, _, _ in rows], texts, completion_ids=response_ids,
+                                   trainer_state=self.trainer_state(self.step))
         if scored.first_error:
             self.progress.note(f"Reward error scored 0: {scored.first_error}")
         self.reward_errors += scored.errors
@@ -79,6 +81,7 @@ class BatchCollector:
     def collect(self, step: int) -> tuple[TrainBatch, dict[str, float]]:
         """Generate until `train_batch_size` informative groups are ready; `step` is the 1-based train step."""
         c = self.config
+        self.step = step - 1
         stats: dict[str, float] = {"gen_rounds": 0, "groups_kept": 0, "groups_dropped_all_same": 0,
                                    "groups_dropped_all_max": 0, "groups_dropped_all_min": 0,
                                    "groups_carried_over": len(self.buffer.groups), "gen_tokens": 0}
@@ -141,7 +144,8 @@ class BatchCollector:
         if generated.correct is not None:
             out["accuracy"] = float(generated.correct.mean())
         # Each reward function's own mean.
-        out.update({f"reward/{name}": float(s) / count for name, s in zip(names, generated.scores.sum(0))})
+        out.update({f"reward/{name}": float(s) / count  # None (NaN): the function did not apply, counts 0
+                    for name, s in zip(names, generated.scores.nansum(0))})
         return out
 
     def _exhausted(self, step: int, stats: dict[str, float], all_correct: bool, count: int) -> None:
@@ -156,6 +160,11 @@ class BatchCollector:
             f"step {step} ({stats['groups_dropped_all_max']} groups all at their best reward, "
             f"{stats['groups_dropped_all_min']} all at zero or less). Raise max_num_gen_batches or "
             f"group_size, or use prompts the model sometimes solves.")
+
+    def trainer_state(self, step: int) -> TrainerState:
+        """TRL's `trainer_state` argument of reward functions: steps done, the run's length, data epochs."""
+        return TrainerState(global_step=step, max_steps=self.config.train_steps,
+                            epoch=self.sampler.prompts_consumed / max(len(self.sampler.records), 1))
 
     # --- resume ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

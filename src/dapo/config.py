@@ -46,8 +46,10 @@ class DAPOConfig:
     seed: int = _f(0, "Seed for Python, NumPy and torch (sampling, data order).", group="model")
 
     # --- prompts and rewards -----------------------------------------------------------
-    task: str = _f("digit", "Built-in task when no --data is given: 'digit' (the seed example) or "
-                   "'arithmetic' (generated sums, held-out split).", group="data")
+    task: str = _f("digit", "Built-in task when no --data is given: 'digit' (the seed example), "
+                   "'arithmetic' (generated sums, held-out split) or 'reasoning_gym:<name>' (a reasoning-gym "
+                   "generator, e.g. reasoning_gym:countdown; needs pip install \"dapo-rl[reasoning-gym]\").",
+                   group="data")
     data: str | None = _f(None, "Training prompts: a .jsonl/.json/.parquet/.csv file, a directory, or a "
                           "Hugging Face datasets id. Overrides --task.", group="data")
     data_split: str = _f("train", "Split to read from --data.", group="data")
@@ -58,15 +60,23 @@ class DAPOConfig:
     prompt_template: str | None = _f(None, "Python format string building the user message from columns, "
                                      "e.g. 'Solve: {question}'. Replaces --prompt-column.", group="data")
     system_prompt: str | None = _f(None, "System message prepended to every prompt (None: the chat "
-                                   "template's own default).", group="data")
+                                   "template's own default). A prompt whose messages already start with a system "
+                                   "message keeps its own (warned once).", group="data")
     reward: list[str] = _f([], "Reward functions as 'module:function' or 'path/file.py:function' "
                            "(TRL convention f(prompts, completions, **columns) -> list[float]), or built-in "
                            "names: digit, exact_match, numeric, math. Empty: the task's own reward.", group="data")
     reward_weights: list[float] = _f([], "One weight per reward function (empty: all 1.0).", group="data")
+    answer_column: str = _f("answer", "Column the built-in rewards (exact_match, numeric, math) compare "
+                            "completions with, e.g. 'solution', 'ground_truth' or 'target'.", group="data")
+    accuracy_reward: str | None = _f(None, "Name of the reward function whose score >= 1 counts as correct "
+                                     "(accuracy metric, evaluation): a built-in name or a function's name as "
+                                     "--reward/reward_fns name it. None: the first reward function.", group="data")
     reward_timeout: float = _f(30.0, "Seconds one reward-function call may take before the run stops (it runs "
                                "in a worker process, so the limit holds from any thread); 0: no limit.", group="data")
-    reward_errors: Literal["raise", "zero"] = _f("raise", "On a reward function that raises or returns "
-                                                 "None/NaN/inf: 'raise' stops the run; 'zero' scores 0 and counts it.",
+    reward_errors: Literal["raise", "zero"] = _f("raise", "On a reward function that raises, times out or "
+                                                 "returns NaN/inf/a non-number: 'raise' stops the run; 'zero' scores "
+                                                 "0 and counts it. (None for a completion is not an error: as in TRL "
+                                                 "the function does not apply to it.)",
                                                  group="data")
 
     # --- rollout -----------------------------------------------------------------------
@@ -192,11 +202,13 @@ class DAPOConfig:
                               f"({self.train_batch_size})")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
-        if self.reward_weights and len(self.reward_weights) != len(self.reward):
+        if self.reward_weights and self.reward and len(self.reward_weights) != len(self.reward):
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for "
                               f"{len(self.reward)} reward functions")
-        if self.data is None and self.task not in BUILTIN_TASKS:
-            raise ConfigError(f"task must be one of {sorted(BUILTIN_TASKS)}, got {self.task!r}")
+        if self.data is None and self.task not in BUILTIN_TASKS and not (
+                self.task.startswith("reasoning_gym:") and len(self.task) > len("reasoning_gym:")):
+            raise ConfigError(f"task must be one of {sorted(BUILTIN_TASKS)} or 'reasoning_gym:<name>', got "
+                              f"{self.task!r}")
         for name in self.trackers:
             if name not in TRACKERS:
                 raise ConfigError(f"trackers must be among {list(TRACKERS)}, got {name!r}")

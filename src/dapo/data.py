@@ -5,6 +5,7 @@ loaders that turn JSONL/Parquet/CSV files or `datasets` datasets into records.""
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,18 @@ def to_messages(prompt: Any, system_prompt: str | None = None) -> list[dict[str,
         messages = [dict(role=m["role"], content=m["content"]) for m in prompt]
     else:
         raise DataError(f"a prompt must be a string or a list of {{role, content}} messages, got {prompt!r:.80}")
-    if system_prompt is not None and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}] + messages
+    if system_prompt is not None:
+        if messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}] + messages
+        elif messages[0]["content"] != system_prompt and not _WARNED["system_prompt"]:
+            _WARNED["system_prompt"] = True
+            print(f"dapo: warning: --system-prompt is not used for prompts whose messages already start with a "
+                  f"system message; they keep their own (first: {messages[0]['content'][:60]!r})",
+                  file=sys.stderr, flush=True)
     return messages
+
+
+_WARNED = {"system_prompt": False}
 
 
 def encode_prompt(tokenizer: Any, prompt: Any, system_prompt: str | None, max_prompt_len: int) -> list[int]:
@@ -98,7 +108,8 @@ def load_records(source: str, split: str = "train", *, prompt_column: str = "pro
     """Read a dataset through the `datasets` library and normalise it with `normalize_records`.
 
     `source` is a .jsonl/.json/.parquet/.csv file (its one split; `split` is ignored), a directory
-    of such files, or a Hugging Face datasets id (both read `split`).
+    of such files, a directory written by `save_to_disk` (a Dataset: its one split; a
+    DatasetDict: `split`), or a Hugging Face datasets id (`split` again).
     """
     rows = _read_rows(source, split)
     return normalize_records(rows, prompt_column=prompt_column, prompt_template=prompt_template, source=source)
@@ -125,7 +136,13 @@ def _read_rows(source: str, split: str) -> list[dict[str, Any]]:
         else:
             if not path.exists() and (source.startswith((".", "/", "~")) or Path(source).suffix in _FILE_BUILDERS):
                 raise DataError(f"data file {source!r} does not exist")
-            loaded = datasets.load_dataset(str(path) if path.exists() else source)
+            if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+                # Written by Dataset.save_to_disk / DatasetDict.save_to_disk: load_dataset refuses those.
+                loaded = datasets.load_from_disk(str(path))
+                if isinstance(loaded, datasets.Dataset):
+                    return loaded.to_list()  # one split, like a single file: `split` is ignored
+            else:
+                loaded = datasets.load_dataset(str(path) if path.exists() else source)
             if split not in loaded:
                 raise DataError(f"{source!r} has no split {split!r} (splits: {', '.join(loaded)}); "
                                 f"choose one with --data-split / --eval-split")

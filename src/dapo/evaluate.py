@@ -20,7 +20,7 @@ from dapo.checkpoint import intact_checkpoint, list_checkpoints, verify_checkpoi
 from dapo.data import Record, encode_prompt
 from dapo.errors import DataError, ModelLoadError, oom_guard
 from dapo.models import stop_token_ids
-from dapo.rewards import BUILTIN_REWARDS, RewardFn
+from dapo.rewards import BUILTIN_REWARDS, RewardFn, RewardFunction, TrainerState, reward_name
 from dapo.rollout import HFEngine, RolloutEngine, SamplingParams
 from dapo.scorer import RewardScorer
 
@@ -55,7 +55,7 @@ def evaluate(
     engine: RolloutEngine | torch.nn.Module,
     tokenizer: Any,
     records: Sequence[Record],
-    judge: RewardScorer | RewardFn,
+    judge: RewardScorer | RewardFn | RewardFunction,
     *,
     k: int = 32,
     temperature: float = 1.0,
@@ -66,9 +66,11 @@ def evaluate(
     reward_timeout: float = 0.0,
     reward_errors: str = "raise",
     stop_ids: Sequence[int] | None = None,
+    trainer_state: TrainerState | None = None,
 ) -> dict[str, float]:
     """Sample k answers per record with `engine` (or a model, sampled by an HFEngine) and judge
-    them with the scorer's accuracy function (or a TRL-style function): a score >= 1 is correct.
+    them with the scorer's accuracy function (or a TRL-style function): a score >= 1 is correct
+    (None, "does not apply", is not). Errors name the function by its own name.
 
     Returns avg@k, pass@k, response_length (mean tokens) and num_prompts, and the same as
     "<level>/avg@k" etc. for each value of a "level" column. Greedy decoding (temperature 0)
@@ -87,12 +89,13 @@ def evaluate(
     responses = [resp for s in outs for resp in s.response_ids]
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     flat_records = [r for r, s in zip(records, outs) for _ in s.response_ids]
+    extra = {"completion_ids": responses, "trainer_state": trainer_state}
     if isinstance(judge, RewardScorer):
-        hits = judge.judge(flat_records, texts).correct
+        hits = judge.judge(flat_records, texts, **extra).correct
     else:
-        name = getattr(judge, "__name__", "accuracy")
-        with RewardScorer([], judge, accuracy_name=name, timeout=reward_timeout, on_error=reward_errors) as scorer:
-            hits = scorer.judge(flat_records, texts).correct
+        fn, name = (judge.fn, judge.name) if isinstance(judge, RewardFunction) else (judge, reward_name(judge))
+        with RewardScorer([], fn, accuracy_name=name, timeout=reward_timeout, on_error=reward_errors) as scorer:
+            hits = scorer.judge(flat_records, texts, **extra).correct
     assert hits is not None
     correct = [int(h.sum()) for h in hits.split([len(s.response_ids) for s in outs])]
     lengths = [[len(r) for r in s.response_ids] for s in outs]

@@ -15,9 +15,9 @@ start per group and function (benchmarks/README.md: reward-scoring overhead).
 
 from __future__ import annotations
 
-import math
 import multiprocessing as mp
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -27,14 +27,15 @@ from typing import Any
 import torch
 
 from dapo.errors import RewardError
-from dapo.rewards import RewardFn, RewardFunction, _text, as_completions, call_reward
+from dapo.rewards import (RewardFn, RewardFunction, TrainerState, _text, all_none_warning, as_completions,
+                          call_reward, check_reward_values)
 
 
 @dataclass
 class RoundScores:
     """Scores of one call of every reward function on a round of completions."""
 
-    scores: torch.Tensor                 # [N, F] unweighted, errors counted as 0
+    scores: torch.Tensor                 # [N, F] unweighted; NaN where a function returned None, 0 for errors
     correct: torch.Tensor | None = None  # [N] 1.0 where the accuracy function scored >= 1
     errors: int = 0                      # values scored 0 because of an error (reward_errors='zero')
     first_error: str | None = None
@@ -130,36 +131,48 @@ class RewardScorer:
                 self.accuracy = RewardFunction(accuracy_name, accuracy)
         self._fns = [rf.fn for rf in self.reward_fns] + ([self.accuracy.fn] if self.accuracy else [])
         self._workers: dict[int, _Worker] = {}
+        self._warned_all_none = False
 
     @property
     def has_accuracy(self) -> bool:
         return self.accuracy_column is not None or self.accuracy is not None
 
     # --- the public calls -------------------------------------------------------------------
-    def score(self, records: Sequence[dict[str, Any]], texts: Sequence[str], *, with_accuracy: bool = True) -> RoundScores:
+    def score(self, records: Sequence[dict[str, Any]], texts: Sequence[str], *, with_accuracy: bool = True,
+              completion_ids: Sequence[Sequence[int]] | None = None,
+              trainer_state: TrainerState | None = None) -> RoundScores:
         """Score completion i (`texts[i]`, answering `records[i]`) with every reward function, one
-        call each over the whole round; columns other than the prompt go to the functions."""
+        call each over the whole round; columns other than the prompt, the completions' token ids
+        and the trainer's progress go to the functions as TRL passes them."""
         prompts, completions, columns = _trl_arguments(records, texts)
+        extra = {"completion_ids": completion_ids, "trainer_state": trainer_state}
         names = [rf.name for rf in self.reward_fns]
         indices = list(range(len(self.reward_fns)))
         if with_accuracy and self.accuracy is not None:
             names.append(self.accuracy.name)
             indices.append(len(self.reward_fns))
-        values, errors, first = self._call(indices, names, prompts, completions, columns)
+        values, errors, first = self._call(indices, names, prompts, completions, columns, extra)
         out = RoundScores(values[:, : len(self.reward_fns)], None, errors, first)
+        warning = all_none_warning(out.scores, prompts, completions)
+        if warning is not None and not self._warned_all_none:
+            self._warned_all_none = True
+            print(f"dapo: warning: {warning}", file=sys.stderr, flush=True)
         if with_accuracy and self.has_accuracy:
             column = self.accuracy_column if self.accuracy_column is not None else len(self.reward_fns)
             out.correct = (values[:, column] >= 1.0).float()
         return out
 
-    def judge(self, records: Sequence[dict[str, Any]], texts: Sequence[str]) -> RoundScores:
+    def judge(self, records: Sequence[dict[str, Any]], texts: Sequence[str], *,
+              completion_ids: Sequence[Sequence[int]] | None = None,
+              trainer_state: TrainerState | None = None) -> RoundScores:
         """Only the accuracy function (evaluation): `correct` and the error counts."""
         if not self.has_accuracy:
             raise ValueError("this scorer has no accuracy function")
         index = self.accuracy_column if self.accuracy_column is not None else len(self.reward_fns)
         name = self.accuracy.name if self.accuracy is not None else self.reward_fns[index].name
         prompts, completions, columns = _trl_arguments(records, texts)
-        values, errors, first = self._call([index], [name], prompts, completions, columns)
+        extra = {"completion_ids": completion_ids, "trainer_state": trainer_state}
+        values, errors, first = self._call([index], [name], prompts, completions, columns, extra)
         return RoundScores(torch.zeros(len(texts), 0), (values[:, 0] >= 1.0).float(), errors, first)
 
     def close(self) -> None:
@@ -181,11 +194,11 @@ class RewardScorer:
 
     # --- calling and checking ------------------------------------------------------------------
     def _call(self, indices: list[int], names: list[str], prompts: list[Any], completions: list[Any],
-              columns: dict[str, list[Any]]) -> tuple[torch.Tensor, int, str | None]:
+              columns: dict[str, list[Any]], extra: dict[str, Any] | None = None) -> tuple[torch.Tensor, int, str | None]:
         n = len(completions)
         values = torch.zeros(n, len(indices))
         problems = Problems(self.on_error, prompts)
-        kwargs = {"prompts": prompts, "completions": completions, "columns": columns}
+        kwargs = {"prompts": prompts, "completions": completions, "columns": columns, **(extra or {})}
         if self.timeout <= 0:
             results = []
             for i in indices:
@@ -199,9 +212,10 @@ class RewardScorer:
             if status != "ok":
                 problems.fail(name, payload if status != "error" else f"raised {payload}", n)
                 continue
-            checked = check_values(payload, n, name, completions, problems)
-            if checked is not None:
-                values[:, column] = checked
+            checked, bad = check_reward_values(name, payload, n, completions)
+            for index, problem in bad:
+                problems.fail(name, problem, n if index is None else 1, at=index or 0)
+            values[:, column] = torch.tensor(checked, dtype=values.dtype)
         return values, problems.errors, problems.first
 
     def _call_in_workers(self, indices: list[int], kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -257,38 +271,6 @@ class Problems:
         self.first = self.first or message
 
 
-def check_values(values: Any, n: int, name: str, completions: Sequence[Any], problems: Problems) -> torch.Tensor | None:
-    """The [n] float scores of one function's answer, or None when the answer as a whole is
-    unusable; every bad value is reported to `problems` (and scores 0)."""
-    if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
-        problems.fail(name, f"returned {values!r:.60} instead of a list of {n} floats", n)
-        return None
-    values = list(values)
-    if len(values) != n:
-        problems.fail(name, f"returned {len(values)} values for {n} completions", n)
-        return None
-    out = torch.zeros(n)
-    for i, v in enumerate(values):
-        fv = _finite(v)
-        if fv is None:
-            problems.fail(name, f"returned {v!r} for completion {i} ({_text(completions[i])[:60]!r}); rewards "
-                          f"must be finite numbers", 1, at=i)
-            continue
-        out[i] = fv
-    return out
-
-
-def _finite(v: Any) -> float | None:
-    """float(v) when v is a finite number (bools, None, strings and NaN/inf are not)."""
-    if v is None or isinstance(v, (bool, str, bytes)):
-        return None
-    try:
-        fv = float(v)
-    except (TypeError, ValueError):
-        return None
-    return fv if math.isfinite(fv) else None
-
-
 def _trl_arguments(records: Sequence[dict[str, Any]], texts: Sequence[str]) -> tuple[list[Any], list[Any], dict[str, list[Any]]]:
     """TRL's call arguments for completion i answering records[i]: prompts, completions (strings, or
     one assistant message for a chat prompt) and every other column, one value per completion."""
@@ -303,17 +285,21 @@ def _trl_arguments(records: Sequence[dict[str, Any]], texts: Sequence[str]) -> t
 
 # --- one-shot helpers (tests, small scripts) -------------------------------------------------------
 def score_completions(reward_fns: Sequence[RewardFunction], prompts: Sequence[Any], completions: Sequence[Any],
-                      columns: dict[str, Sequence[Any]], *, timeout: float = 0.0, on_error: str = "raise") -> RoundScores:
+                      columns: dict[str, Sequence[Any]], *, timeout: float = 0.0, on_error: str = "raise",
+                      completion_ids: Sequence[Sequence[int]] | None = None,
+                      trainer_state: TrainerState | None = None) -> RoundScores:
     """Call every reward function once on a batch given in TRL's form, through a throw-away scorer."""
+    extra = {"completion_ids": completion_ids, "trainer_state": trainer_state}
     with RewardScorer(reward_fns, timeout=timeout, on_error=on_error) as scorer:
         values, errors, first = scorer._call(list(range(len(reward_fns))), [rf.name for rf in reward_fns],
-                                             list(prompts), list(completions), {k: list(v) for k, v in columns.items()})
+                                             list(prompts), list(completions),
+                                             {k: list(v) for k, v in columns.items()}, extra)
     return RoundScores(values, None, errors, first)
 
 
 def score_group(reward_fns: Sequence[RewardFunction], record: dict[str, Any], texts: Sequence[str], *,
-                timeout: float = 0.0, on_error: str = "raise") -> RoundScores:
+                timeout: float = 0.0, on_error: str = "raise", completion_ids: Sequence[Sequence[int]] | None = None,
+                trainer_state: TrainerState | None = None) -> RoundScores:
     """Score the completions of one record (its other columns go to the reward functions)."""
     with RewardScorer(reward_fns, timeout=timeout, on_error=on_error) as scorer:
-        return scorer.score([record] * len(texts), texts)
-
+        return scorer.score([record] * len(texts), texts, completion_ids=completion_ids, trainer_state=trainer_state)

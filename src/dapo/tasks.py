@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dapo.data import Record, load_records
 from dapo.errors import DataError
-from dapo.rewards import (NEEDS_ANSWER, RewardFn, RewardFunction, build_reward_functions, digit_accuracy,
-                          digit_reward, numeric_reward)
+from dapo.rewards import (NEEDS_ANSWER, RewardFn, RewardFunction, as_reward_functions, build_reward_functions,
+                          digit_accuracy, digit_reward, numeric_reward)
 
 if TYPE_CHECKING:
     from dapo.config import DAPOConfig
@@ -83,27 +83,32 @@ BUILTIN_TASKS = {"digit": digit_task, "arithmetic": arithmetic_task}
 
 
 def get_task(name: str) -> Task:
+    if name.startswith("reasoning_gym:"):
+        from dapo.rgym import reasoning_gym_task
+
+        return reasoning_gym_task(name)
     if name not in BUILTIN_TASKS:
         raise DataError(f"unknown task {name!r}; built-in tasks: {', '.join(BUILTIN_TASKS)}")
     return BUILTIN_TASKS[name]()
 
 
-def build_task(config: "DAPOConfig", eval_only: bool = False) -> Task:
+def build_task(config: "DAPOConfig", eval_only: bool = False, rewards_given: bool = False) -> Task:
     """The task a config describes.
 
     - Records: --data (train) and --eval-data (held-out) when given, else the built-in task's.
-    - Reward functions: --reward when given, else the built-in task's own (data needs --reward).
-    - Accuracy: with --reward, the first reward function (a score >= 1 counts as correct);
-      otherwise the built-in task's accuracy function.
+    - Reward functions: --reward when given, else the built-in task's own (data needs --reward,
+      unless `rewards_given`: dapo.train(reward_fns=...) supplies them, see use_reward_fns).
+    - Accuracy: with --reward, the reward function named by accuracy_reward (default: the
+      first; a score >= 1 counts as correct); otherwise the built-in task's accuracy function.
     With `eval_only` the training records are left out (`dapo eval` needs only held-out ones).
     """
     c = config
     load = dict(prompt_column=c.prompt_column, prompt_template=c.prompt_template)
     base = get_task(c.task) if c.data is None else None
     if c.data is not None:
-        if not c.reward:
+        if not c.reward and not rewards_given:
             raise DataError(f"--data {c.data!r} needs reward functions: --reward exact_match, numeric, math, "
-                            f"'module:function' or 'file.py:function'")
+                            f"'module:function' or 'file.py:function' (or dapo.train(..., reward_fns=[f]))")
         task = Task("data", load_records(c.data, c.data_split, **load), [], {}, None)
     else:
         assert base is not None
@@ -112,12 +117,39 @@ def build_task(config: "DAPOConfig", eval_only: bool = False) -> Task:
         task.eval = load_records(c.eval_data, c.eval_split, **load)
     if eval_only:
         task.train = []
-    if c.reward:
-        fns = build_reward_functions(c.reward)
+    if c.reward and not rewards_given:
+        fns = build_reward_functions(c.reward, answer_column=c.answer_column)
         task.rewards = {rf.name: rf.fn for rf in fns}
-        task.accuracy, task.accuracy_name = fns[0].fn, fns[0].name
-    _check_columns(task)
+        accuracy = accuracy_function(fns, c.accuracy_reward)
+        task.accuracy, task.accuracy_name = accuracy.fn, accuracy.name
+    if not rewards_given:  # a task's own built-in rewards read 'answer'; --reward's read answer_column
+        _check_columns(task, c, c.answer_column if c.reward else "answer")
     return task
+
+
+def accuracy_function(fns: list[RewardFunction], name: str | None) -> RewardFunction:
+    """The reward function called `name` (None: the first); its score >= 1 counts as correct."""
+    if name is None:
+        return fns[0]
+    for rf in fns:
+        if rf.name == name:
+            return rf
+    raise DataError(f"accuracy_reward {name!r} names none of the reward functions ({', '.join(rf.name for rf in fns)})")
+
+
+def use_reward_fns(task: Task, reward_fns: Any, config: "DAPOConfig") -> list[RewardFunction]:
+    """dapo.train(reward_fns=...): they replace the task's rewards, and one of them its accuracy.
+
+    `reward_fns` is anything as_reward_functions takes (callables, RewardFunctions, specs);
+    config.reward_weights, when given, sets their weights (TRL's reward_weights). Accuracy is
+    config.accuracy_reward or else the first function. The task is changed in place.
+    """
+    fns = as_reward_functions(reward_fns, config.reward_weights or None, answer_column=config.answer_column)
+    task.rewards = {rf.name: rf.fn for rf in fns}
+    accuracy = accuracy_function(fns, config.accuracy_reward)
+    task.accuracy, task.accuracy_name = accuracy.fn, accuracy.name
+    _check_columns(task, config, config.answer_column)
+    return fns
 
 
 def reward_functions(task: Task, weights: list[float]) -> list[RewardFunction]:
@@ -129,10 +161,24 @@ def reward_functions(task: Task, weights: list[float]) -> list[RewardFunction]:
             for i, (name, fn) in enumerate(task.rewards.items())]
 
 
-def _check_columns(task: Task) -> None:
-    """Fail before any generation when a built-in reward needs an 'answer' column the data lacks."""
-    needing = [name for name in task.rewards if name in NEEDS_ANSWER]
+def data_columns(record: Record, config: "DAPOConfig | None" = None) -> list[str]:
+    """The columns of a loaded record as the data file has them: 'prompt' is left out when it was
+    built by the loader (--prompt-column other than 'prompt', or --prompt-template)."""
+    derived = config is not None and (config.prompt_template is not None or config.prompt_column != "prompt")
+    return [k for k in record if not (k == "prompt" and derived)]
+
+
+def _check_columns(task: Task, config: "DAPOConfig | None" = None, column: str = "answer") -> None:
+    """Fail before any generation when a built-in reward needs an answer column the data lacks."""
+    needing = [name for name in task.rewards if _base_name(name) in NEEDS_ANSWER]
     for split, records in (("training", task.train), ("evaluation", task.eval)):
-        if needing and records and "answer" not in records[0]:
-            raise DataError(f"reward {needing[0]!r} compares completions with an 'answer' column, which the "
-                            f"{split} data lacks (columns: {', '.join(records[0])})")
+        if needing and records and column not in records[0]:
+            hint = "" if column != "answer" else "; name the column that holds the answer with --answer-column"
+            raise DataError(f"reward {needing[0]!r} compares completions with an {column!r} column, which the "
+                            f"{split} data lacks (columns: {', '.join(data_columns(records[0], config))}){hint}")
+
+
+def _base_name(name: str) -> str:
+    """'numeric_2' (a repeated built-in) -> 'numeric'."""
+    head, _, tail = name.rpartition("_")
+    return head if head and tail.isdigit() else name

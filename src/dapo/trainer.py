@@ -18,7 +18,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,7 +47,7 @@ from dapo.rewards import RewardFunction
 from dapo.rollout import HFEngine, RolloutEngine
 from dapo.rundir import acquire_run_lock, claim_run_dir, prepare_run_dir
 from dapo.scorer import RewardScorer
-from dapo.tasks import Task, build_task, reward_functions
+from dapo.tasks import Task, build_task, reward_functions, use_reward_fns
 from dapo.trackers import make_trackers
 
 
@@ -67,19 +67,22 @@ class Trainer:
 
     Args:
         task: prompts, held-out prompts, rewards and accuracy (default: from the config).
-        reward_fns: replaces the task's reward functions.
+        reward_fns: replace the task's reward functions: callables (TRL convention), RewardFunctions or
+            --reward specs; the first drives accuracy unless config.accuracy_reward names another.
         model, tokenizer: replace loading `config.model`.
         engine: the rollout engine (default: HFEngine on the training model).
     """
 
-    def __init__(self, config: DAPOConfig, task: Task | None = None, reward_fns: list[RewardFunction] | None = None,
+    def __init__(self, config: DAPOConfig, task: Task | None = None, reward_fns: Sequence[RewardFunction | Callable[..., Any] | str] | None = None,
                  model: torch.nn.Module | None = None, tokenizer: Any = None,
                  engine: RolloutEngine | None = None) -> None:
         self.config = c = config
         seed_everything(c.seed)
         # Data and reward functions first: a bad file or reward spec fails before the model loads.
-        self.task = task if task is not None else build_task(c)
-        self.reward_fns = reward_fns if reward_fns is not None else reward_functions(self.task, c.reward_weights)
+        self.task = (task if task is not None else build_task(c) if reward_fns is None
+                     else build_task(c, rewards_given=True))
+        self.reward_fns = (use_reward_fns(self.task, reward_fns, c) if reward_fns is not None
+                           else reward_functions(self.task, c.reward_weights))
         torch.set_num_threads(c.threads or os.cpu_count() or 1)
         self.device = pick_device(c.device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(c.model)
@@ -208,7 +211,8 @@ class Trainer:
             return evaluate(self.engine, self.tokenizer, self.task.eval[: c.max_eval_prompts or None], self.scorer,
                             k=c.eval_samples, temperature=c.eval_temperature, top_p=c.eval_top_p,
                             max_new_tokens=c.max_new_tokens, max_prompt_len=c.max_prompt_len,
-                            system_prompt=c.system_prompt, stop_ids=self.stop_ids)
+                            system_prompt=c.system_prompt, stop_ids=self.stop_ids,
+                            trainer_state=self.collector.trainer_state(self.step))
 
     def _evaluate(self, logger: MetricsLogger | None, trackers: Any, label: str) -> dict[str, float]:
         """Evaluate now; the scores go to eval.jsonl and the trackers under eval/ at the current step."""
