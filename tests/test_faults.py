@@ -145,7 +145,8 @@ def test_second_ctrl_c_exits_at_once(tiny_dir, tmp_path, capsys, monkeypatch):
     use_toy_task(monkeypatch)
     monkeypatch.setenv("TOY_SIGNAL", "SIGINT")
     monkeypatch.setenv("TOY_SIGNAL_AT_CALLS", "1,2")  # two groups of train step 1's one generation round
-    assert main(train(tiny_dir, tmp_path, "--gen-batch-size", "2", "--save-every", "1", "--train-steps", "3")) == 130
+    assert main(train(tiny_dir, tmp_path, "--gen-batch-size", "2", "--refill", "rounds", "--save-every", "1",
+                      "--train-steps", "3")) == 130
     err = capsys.readouterr().err
     assert "SIGINT received; stopping after train step 1" in err and "dapo: interrupted" in err
     assert list_checkpoints(tmp_path) == [] and not list((tmp_path / "checkpoints").glob(".tmp-*"))

@@ -59,9 +59,11 @@ class Run:
 
 
 def make_run(tokenizer, tiny, tmp_path, records, **overrides):
-    task = Task("scripted", records, [], {"number": as_number})
+    task = Task("scripted", records, [], {"number": as_number}, as_number)  # correct: a 1
+    # Algorithm 1 as written (fixed rounds, no prompt skipping), unless a test says otherwise.
+    options = {"refill": "rounds", "prompt_skip": False, **overrides}
     config = DAPOConfig(group_size=G, gen_batch_size=len(records), verbose=False, output_dir=str(tmp_path),
-                        threads=1, **overrides)
+                        threads=1, **options)
     engine = ScriptedEngine(tokenizer, records)
     trainer = Trainer(config, task=task, model=tiny, tokenizer=tokenizer, engine=engine)
     return Run(trainer, engine), engine.calls

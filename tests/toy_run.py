@@ -45,12 +45,13 @@ def toy_task(name: str = "toy") -> Task:
     return Task("toy", PROMPTS, [], {"length": length_reward})
 
 
-# Options shared by every resume test: gen_batch_size > train_batch_size leaves groups in the
-# dynamic-sampling buffer across steps; two mini-batches, mu 2, warm-up and a cosine schedule
+# Options shared by every resume test: fixed rounds of gen_batch_size > train_batch_size leave
+# groups in the dynamic-sampling buffer across steps (tests/test_dynamic_sampling.py resumes the
+# default streaming refill); two mini-batches, mu 2, warm-up and a cosine schedule
 # exercise the optimizer and scheduler state.
 TOY_OPTIONS = dict(group_size=4, max_new_tokens=3, train_batch_size=2, gen_batch_size=3, mini_batch_size=1, mu=2,
                    lr=1e-3, warmup_steps=2, lr_schedule="cosine", train_steps=4, threads=1, verbose=False,
-                   eval_samples=2)
+                   eval_samples=2, refill="rounds")
 
 
 def save_tiny_model(path: Path, tokenizer: Any) -> Path:

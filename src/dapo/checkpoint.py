@@ -29,7 +29,7 @@ WEIGHTS = "model.safetensors"
 CONFIG_FILE = "dapo_config.yaml"
 # Keys trainer_state.pt must hold for a resume (Run.state_dict).
 STATE_KEYS = ("step", "optimizer_steps", "skipped_steps", "bad_steps_in_row", "optimizer", "scheduler", "rng",
-              "sampler", "buffer")
+              "sampler", "buffer", "refill")
 _NAME = re.compile(r"^step-(\d{6,})$")  # anything else in checkpoints/ (step-000001.bak, notes) is ignored
 # Test hook: SIGKILL this process once a checkpoint's temporary directory holds this many files
 # (optionally only at step DAPO_FAULT_STEP), to prove a half-written checkpoint is never used.

@@ -2,7 +2,7 @@
 `informative_groups` (sampling.py); this module runs the generation rounds around it:
 
     repeat:
-        draw gen_batch_size prompts, sample G responses each     (RolloutEngine)
+        draw prompts (refill, skipping), sample G responses each   (RolloutEngine)
         score the round, add the overlong penalty                 (RewardScorer, Eq. 13)
         keep the groups whose task rewards differ                 (Eq. 11's constraint)
     until train_batch_size groups are in the buffer
@@ -12,6 +12,7 @@ Surplus groups of the last round stay in the buffer and open the next step's bat
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,8 +26,11 @@ from dapo.errors import DynamicSamplingExhausted, oom_guard
 from dapo.progress import NullProgress, Progress
 from dapo.rewards import TrainerState, combine, overlong_penalty
 from dapo.rollout import RolloutEngine, SamplingParams
-from dapo.sampling import DynamicSamplingBuffer, informative_groups
+from dapo.sampling import (DynamicSamplingBuffer, accuracy_lower_bound, informative_groups, refill_size,
+                           skip_probability)
 from dapo.scorer import RewardScorer
+
+RECENT_DECAY = 0.8  # per round: the keep rate drifts as the policy learns, so old rounds count less
 
 
 class BatchCollector:
@@ -42,6 +46,9 @@ class BatchCollector:
         self.buffer: DynamicSamplingBuffer[TrainBatch] = DynamicSamplingBuffer(config.train_batch_size)
         self.progress: Progress = progress or NullProgress()
         self.step = 0  # train steps completed
+        self.kept_recent, self.seen_recent = 0.0, 0.0  # informative / all groups, recent rounds weigh more
+        self.streaks: dict[int, int] = {}  # prompt index -> groups in a row without a learning signal
+        self.skip_rng = random.Random(config.seed * 7919 + 17)
         self.reward_errors = 0  # values scored 0 for an error in the current step (reward_errors="zero")
 
     # --- one round -------------------------------------------------------------------------------
@@ -79,29 +86,37 @@ class BatchCollector:
 
     # --- Algorithm 1's inner loop ----------------------------------------------------------------
     def collect(self, step: int) -> tuple[TrainBatch, dict[str, float]]:
-        """Generate until `train_batch_size` informative groups are ready; `step` is the 1-based train step."""
+        """Generate until `train_batch_size` informative groups are ready; `step` is the 1-based train step.
+
+        Raises DynamicSamplingExhausted: solved=True when this step's answers are correct with
+        95% confidence of accuracy >= solved_accuracy (or every answer of max_num_gen_batches
+        rounds was), else when max_num_gen_batches rounds did not fill the batch.
+        """
         c = self.config
         self.step = step - 1
         stats: dict[str, float] = {"gen_rounds": 0, "groups_kept": 0, "groups_dropped_all_same": 0,
                                    "groups_dropped_all_max": 0, "groups_dropped_all_min": 0,
-                                   "groups_carried_over": len(self.buffer.groups), "gen_tokens": 0}
+                                   "groups_dropped_partial": 0, "groups_carried_over": len(self.buffer.groups),
+                                   "gen_tokens": 0, "prompts_generated": 0, "prompts_skipped": 0}
         rounds: list[TrainBatch] = []
-        all_correct = self.scorer.has_accuracy
+        correct, answered = 0, 0
         gen_seconds = 0.0
         self.reward_errors = 0
         while not self.buffer.full:
             if c.max_num_gen_batches and stats["gen_rounds"] >= c.max_num_gen_batches:
-                self._exhausted(step, stats, all_correct, sum(len(r) for r in rounds))
+                self._exhausted(step, stats, correct, answered)
             stats["gen_rounds"] += 1
             self.progress.generating(step)
+            indices, skipped = self._draw(self._round_size())
+            stats["prompts_skipped"] += skipped
+            stats["prompts_generated"] += len(indices)
             t0 = time.perf_counter()
-            round_ = self.rollout(self.sampler.next_indices(c.gen_batch_size))
+            round_ = self.rollout(indices)
             gen_seconds += time.perf_counter() - t0
             rounds.append(round_)
-            if round_.correct is not None:
-                all_correct = all_correct and bool((round_.correct >= 1.0).all())
             keep = (informative_groups(round_.grouped(round_.task_rewards)) if c.dynamic_sampling
                     else torch.ones(round_.num_groups, dtype=torch.bool))
+            self._remember(round_, keep)
             for g, k in enumerate(keep.tolist()):
                 rows = round_.group == g
                 self.progress.group_scored([t for t, r in zip(round_.completions, rows.tolist()) if r],
@@ -111,10 +126,17 @@ class BatchCollector:
                     self.buffer.add([round_.select_groups([g])])
                 else:
                     stats["groups_dropped_all_same"] += 1
-                    hi = float(round_.task_rewards[rows].max())
-                    stats["groups_dropped_all_max" if hi > 0 else "groups_dropped_all_min"] += 1
+                    stats[f"groups_dropped_{self._kind(round_, rows)}"] += 1
             self.progress.generation_round(step, int(stats["gen_rounds"]), len(self.buffer.groups),
                                            float(round_.rewards.mean()))
+            if round_.correct is not None:
+                correct, answered = correct + int(round_.correct.sum()), answered + len(round_)
+                bound = accuracy_lower_bound(correct, answered)
+                if not self.buffer.full and bound >= c.solved_accuracy:
+                    raise DynamicSamplingExhausted(
+                        f"{correct} of {answered} answers this step were correct (accuracy >= {bound:.4f} with 95% "
+                        f"confidence, solved_accuracy={c.solved_accuracy:g}): the policy solves the training prompts",
+                        solved=True)
         batch = TrainBatch.cat(self.buffer.take())
         stats.update(self._round_stats(rounds))
         stats.update({
@@ -123,9 +145,60 @@ class BatchCollector:
             "data_epoch": self.sampler.epoch,
             "gen_seconds": gen_seconds,
             "gen_tokens_per_second": stats["gen_tokens"] / max(gen_seconds, 1e-9),
+            "keep_rate": stats["groups_kept"] / max(stats["prompts_generated"], 1),
         })
         stats["reward_errors"] = self.reward_errors
         return batch, stats
+
+    # --- refill and prompt skipping ---------------------------------------------------------------
+    def _round_size(self) -> int:
+        """Prompts for the next round: gen_batch_size ('rounds'), or what the recent keep rate says
+        the buffer still needs ('stream'; all of them when dynamic sampling is off)."""
+        c = self.config
+        needed = c.train_batch_size - len(self.buffer.groups)
+        if c.refill == "rounds":
+            return c.gen_batch_size
+        if not c.dynamic_sampling:
+            return needed
+        return refill_size(needed, self.kept_recent, self.seen_recent, c.max_oversample)
+
+    @property
+    def skipping(self) -> bool:
+        c = self.config
+        return c.prompt_skip and c.dynamic_sampling and len(self.sampler.records) > 1
+
+    def _draw(self, n: int) -> tuple[list[int], int]:
+        """The next n prompts of the sampler, each skipped by its skip probability; returns (indices, skipped)."""
+        out: list[int] = []
+        skipped = 0
+        while len(out) < n:
+            i = self.sampler.next_indices(1)[0]
+            if self.skipping and self.skip_rng.random() < skip_probability(self.streaks.get(i, 0),
+                                                                           self.config.min_draw_prob):
+                skipped += 1
+                continue
+            out.append(i)
+        return out, skipped
+
+    def _remember(self, round_: TrainBatch, keep: torch.Tensor) -> None:
+        """Update the keep-rate estimate (recent rounds weigh more) and each prompt's streak of
+        groups without a learning signal."""
+        self.kept_recent = RECENT_DECAY * self.kept_recent + float(keep.sum())
+        self.seen_recent = RECENT_DECAY * self.seen_recent + len(keep)
+        for g, k in enumerate(keep.tolist()):
+            i = int(round_.prompt_index[round_.group == g][0])
+            self.streaks[i] = 0 if k else self.streaks.get(i, 0) + 1
+
+    @staticmethod
+    def _kind(round_: TrainBatch, rows: torch.Tensor) -> str:
+        """How an all-equal group failed to teach: all answers correct ('all_max'), all wrong with
+        no reward ('all_min'), or all given the same partial reward ('partial')."""
+        rewards = round_.task_rewards[rows]
+        if round_.correct is not None and bool((round_.correct[rows] >= 1).all()):
+            return "all_max"
+        if float(rewards.max()) <= 0 and (round_.correct is None or not bool(round_.correct[rows].any())):
+            return "all_min"
+        return "partial"
 
     def _round_stats(self, rounds: list[TrainBatch]) -> dict[str, float]:
         """Means over every completion generated this step (zeros when the buffer alone filled it)."""
@@ -148,18 +221,20 @@ class BatchCollector:
                     for name, s in zip(names, generated.scores.nansum(0))})
         return out
 
-    def _exhausted(self, step: int, stats: dict[str, float], all_correct: bool, count: int) -> None:
+    def _exhausted(self, step: int, stats: dict[str, float], correct: int, answered: int) -> None:
         c = self.config
-        if all_correct:
+        if answered and correct == answered:
             raise DynamicSamplingExhausted(
-                f"all {count} responses of the last {stats['gen_rounds']} generation rounds were correct "
+                f"all {answered} answers of the last {stats['gen_rounds']} generation rounds were correct "
                 f"and got equal rewards: the policy solves the training prompts", solved=True)
         raise DynamicSamplingExhausted(
             f"dynamic sampling found only {len(self.buffer.groups)} of {c.train_batch_size} groups with "
             f"differing rewards in max_num_gen_batches={c.max_num_gen_batches} generation rounds at train "
-            f"step {step} ({stats['groups_dropped_all_max']} groups all at their best reward, "
-            f"{stats['groups_dropped_all_min']} all at zero or less). Raise max_num_gen_batches or "
-            f"group_size, or use prompts the model sometimes solves.")
+            f"step {step}: of the groups dropped, {stats['groups_dropped_all_max']} had every answer correct, "
+            f"{stats['groups_dropped_all_min']} every answer wrong (no reward) and "
+            f"{stats['groups_dropped_partial']} the same partial reward for every answer ({correct} of {answered} "
+            f"answers correct). Raise max_num_gen_batches or group_size, or use prompts the model sometimes "
+            f"solves and sometimes not.")
 
     def trainer_state(self, step: int) -> TrainerState:
         """TRL's `trainer_state` argument of reward functions: steps done, the run's length, data epochs."""
@@ -168,8 +243,17 @@ class BatchCollector:
 
     # --- resume ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict(), "buffer": [g.state_dict() for g in self.buffer.groups]}
+        version, internal, gauss = self.skip_rng.getstate()
+        return {"sampler": self.sampler.state_dict(), "buffer": [g.state_dict() for g in self.buffer.groups],
+                "refill": {"kept_recent": self.kept_recent, "seen_recent": self.seen_recent,
+                           "streak_prompts": list(self.streaks), "streak_lengths": list(self.streaks.values()),
+                           "skip_rng": [version, list(internal), gauss]}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self.buffer.groups = [TrainBatch.from_state_dict(g) for g in state["buffer"]]
+        refill = state["refill"]
+        self.kept_recent, self.seen_recent = refill["kept_recent"], refill["seen_recent"]
+        self.streaks = dict(zip(refill["streak_prompts"], refill["streak_lengths"]))
+        version, internal, gauss = refill["skip_rng"]
+        self.skip_rng.setstate((version, tuple(internal), gauss))

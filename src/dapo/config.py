@@ -82,12 +82,29 @@ class DAPOConfig:
     # --- rollout -----------------------------------------------------------------------
     group_size: int = _f(32, "G: responses sampled per prompt.", group="rollout")
     train_batch_size: int = _f(1, "Groups (prompts) with reward signal per train step.", group="rollout")
-    gen_batch_size: int = _f(1, "Prompts drawn per generation round of dynamic sampling.", group="rollout")
+    gen_batch_size: int = _f(1, "Prompts drawn per generation round with refill 'rounds' (the paper's "
+                             "gen_batch_size); 'stream' sizes each round by the observed keep rate instead.",
+                             group="rollout")
     max_num_gen_batches: int = _f(64, "Cap on generation rounds per train step; when reached without "
                                   "enough informative groups the run stops with a message. 0: no cap.",
                                   group="rollout")
     dynamic_sampling: bool = _f(True, "Drop groups whose task rewards are all equal (paper Sec. 3.2). "
                                 "Off gives plain GRPO batching.", group="rollout")
+    refill: Literal["stream", "rounds"] = _f("stream", "How dynamic sampling refills the batch: 'stream' draws "
+                                            "as many prompts per round as the share of informative groups seen "
+                                            "lately says are needed; 'rounds' draws gen_batch_size prompts per "
+                                            "round (Algorithm 1 as written).", group="rollout")
+    max_oversample: float = _f(8.0, "With refill 'stream': a round draws at most this many times the groups "
+                               "still needed.", group="rollout")
+    prompt_skip: bool = _f(True, "Skip prompts whose last k groups were all-equal with probability 1 - 2^-k "
+                           "(GRESO, arXiv 2506.02177); never below min_draw_prob. Needs 2+ training prompts.",
+                           group="rollout")
+    min_draw_prob: float = _f(0.05, "Least probability of drawing a skipped prompt: none is excluded for good.",
+                              group="rollout")
+    solved_accuracy: float = _f(0.99, "Stop early as solved when the batch cannot be filled and the 95% lower "
+                                "confidence bound on this step's answer accuracy reaches this; 1 turns it off "
+                                "(then only max_num_gen_batches all-correct rounds end the run as solved).",
+                                group="rollout")
     max_prompt_len: int = _f(1024, "Longest prompt in tokens (after the chat template); longer is an error.",
                              group="rollout")
     max_new_tokens: int = _f(4, "L_max: longest response in tokens.", group="rollout")
@@ -172,6 +189,12 @@ class DAPOConfig:
                         "save_every", "overlong_buffer_len", "weight_decay", "max_grad_norm", "kl_coef",
                         "max_eval_prompts", "overlong_penalty_factor", "eval_temperature", "log_samples_every",
                         "reward_timeout"]
+        if not self.max_oversample >= 1:
+            raise ConfigError(f"max_oversample must be >= 1, got {self.max_oversample}")
+        if not 0 < self.min_draw_prob <= 1:
+            raise ConfigError(f"min_draw_prob must be in (0, 1], got {self.min_draw_prob}")
+        if not 0 < self.solved_accuracy <= 1:
+            raise ConfigError(f"solved_accuracy must be in (0, 1], got {self.solved_accuracy}")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -280,7 +303,7 @@ def read_yaml_values(path: str | Path) -> dict[str, Any]:
 RESUME_SAFE_FIELDS = frozenset({
     "verbose", "output_dir", "train_steps", "save_every", "keep_last", "max_bad_steps",
     "eval_every", "eval_samples", "eval_temperature", "eval_top_p", "max_eval_prompts", "eval_data", "eval_split",
-    "threads", "device", "max_tokens_per_micro_batch", "reward_timeout", "overwrite",
+    "threads", "device", "max_tokens_per_micro_batch", "reward_timeout", "overwrite", "solved_accuracy",
 })
 
 
