@@ -25,7 +25,8 @@ from common import machine_line
 
 from dapo import DAPOConfig
 from dapo.models import default_model_dir
-from dapo.trainer import Run
+from dapo.advantages import group_advantages
+from dapo.trainer import Trainer
 
 BAR = 0.8
 
@@ -35,12 +36,13 @@ def run_dapo(seed: int, naive: bool, max_seconds: float, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         config = DAPOConfig(seed=seed, verbose=False, output_dir=tmp, train_steps=10_000, threads=threads,
                             **overrides)
-        run = Run(config)
+        run = Trainer(config)
         clock, step_times = 0.0, []
         while clock < max_seconds:
             start = time.perf_counter()
-            batch, _ = run.collect_batch()
-            run.update(batch)
+            batch, _ = run.collector.collect(run.step + 1)
+            batch.advantages = group_advantages(batch.grouped(batch.rewards)).flatten()
+            run.actor.update(batch, run.step + 1)
             run.step += 1
             step_times.append(time.perf_counter() - start)
             clock += step_times[-1]
