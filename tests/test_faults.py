@@ -21,28 +21,7 @@ from dapo.cli import main
 from dapo.errors import PromptTooLongError, RewardError, TrainingDiverged
 from dapo.tasks import Task
 from dapo.trainer import Trainer
-from toy_run import TOY_OPTIONS, save_tiny_model, toy_task
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tokenizer, tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), tokenizer)
-
-
-def train(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
-    """`dapo train` on the tiny model: the digit task, one short step."""
-    return ["train", "--model", str(tiny_dir), "--output-dir", str(out), "--threads", "1", "--no-verbose",
-            "--group-size", "2", "--max-new-tokens", "2", "--mu", "1", "--train-steps", "1", "--eval-samples", "1",
-            "--no-dynamic-sampling", *extra]
-
-
-def fails_with(argv: list[str], capsys, message: str) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert message in err, err
-    # (transformers' own progress bars may share stderr; ours is the one "dapo:" line)
-    assert "Traceback" not in err and len([line for line in err.splitlines() if "dapo:" in line]) == 1, err
-    return err
+from toy_run import TOY_OPTIONS, fails_with, toy_task, train
 
 
 def use_toy_task(monkeypatch) -> None:

@@ -29,29 +29,9 @@ from dapo.errors import CheckpointError, DapoError, OutOfMemory, oom_guard
 from dapo.evaluate import resolve_model
 from dapo.resume import find_checkpoint
 from dapo.rundir import _held, acquire_run_lock
-from toy_run import save_tiny_model
+from toy_run import fails_with, train
 
 SRC = Path(dapo.trainer.__file__).parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tokenizer, tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), tokenizer)
-
-
-def train(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
-    """`dapo train` on the tiny model: the digit task, short steps."""
-    return ["train", "--model", str(tiny_dir), "--output-dir", str(out), "--threads", "1", "--no-verbose",
-            "--group-size", "2", "--max-new-tokens", "2", "--mu", "1", "--train-steps", "1", "--eval-samples", "1",
-            "--no-dynamic-sampling", *extra]
-
-
-def fails_with(argv: list[str], capsys, message: str) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert message in err, err
-    assert "Traceback" not in err and len([line for line in err.splitlines() if "dapo: error" in line]) == 1, err
-    return err
 
 
 @pytest.fixture(scope="module")

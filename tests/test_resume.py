@@ -18,15 +18,9 @@ from dapo.checkpoint import list_checkpoints
 from dapo.errors import TrainingInterrupted
 from dapo.resume import find_checkpoint
 from dapo.trainer import Trainer
-from toy_run import TOY_OPTIONS, save_tiny_model, toy_argv, toy_task
+from toy_run import TOY_OPTIONS, toy_argv, toy_task
 
 TESTS = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tokenizer, tmp_path_factory) -> Path:
-    """The tiny random model saved as a Hugging Face directory, for `--model DIR`."""
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), tokenizer)
 
 
 def toy_run(model_dir: Path, out: Path, **changes) -> Trainer:

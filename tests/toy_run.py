@@ -61,6 +61,25 @@ def save_tiny_model(path: Path, tokenizer: Any) -> Path:
     return path
 
 
+def train(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
+    """`dapo train` argv on the tiny model: the digit task, one short step."""
+    return ["train", "--model", str(tiny_dir), "--output-dir", str(out), "--threads", "1", "--no-verbose",
+            "--group-size", "2", "--max-new-tokens", "2", "--mu", "1", "--train-steps", "1", "--eval-samples", "1",
+            "--no-dynamic-sampling", *extra]
+
+
+def fails_with(argv: list[str], capsys: Any, message: str) -> str:
+    """`dapo ARGV` exits 2 with one `dapo: error:` line holding `message` and no traceback."""
+    from dapo.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    # (transformers' own progress bars may share stderr; ours is the one "dapo: error" line)
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "dapo: error" in line]) == 1, err
+    return err
+
+
 def toy_argv() -> list[str]:
     out = []
     for k, v in TOY_OPTIONS.items():
