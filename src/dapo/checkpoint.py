@@ -145,17 +145,21 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
     tmp = tmp_checkpoint_dir(run_dir, step, distributed.broadcast_object(os.getpid()))
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     problem = None
-    try:
-        if rank == 0:
+    if rank == 0:
+        try:
             if tmp.exists():
                 shutil.rmtree(tmp)
             (tmp / RNG_DIR).mkdir(parents=True)
-        distributed.barrier()
-        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
-                 checkpoint_id=tmp / SHARDED_DIR)
-        torch.save(rng_state, tmp / RNG_DIR / f"rank-{rank:05d}.pt")
-    except (OSError, RuntimeError) as e:
-        problem = _reason(e)
+        except OSError as e:
+            problem = _reason(e)
+    problem = distributed.broadcast_object(problem)  # the directory exists for every rank, or none writes
+    if problem is None:
+        try:  # DCP raises on every rank when one fails
+            dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+                     checkpoint_id=tmp / SHARDED_DIR)
+            torch.save(rng_state, tmp / RNG_DIR / f"rank-{rank:05d}.pt")
+        except (OSError, RuntimeError) as e:
+            problem = _reason(e)
     problems = [p for p in distributed.all_gather_object(problem) if p]
     final = checkpoint_dir(run_dir, step)
     if problems:
