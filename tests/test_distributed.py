@@ -17,7 +17,6 @@ from toy_run import TOY_OPTIONS, save_tiny_model, toy_argv
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
-pytestmark = pytest.mark.slow  # each torchrun start costs several seconds; CI runs them
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +50,7 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+@pytest.mark.slow  # 30-50 s: each torchrun start costs several seconds; CI runs them
 def test_two_ranks_equal_one_process(tiny_dir, tmp_path):
     """2 train steps on identical batches (fixed responses): ranks split every mini-batch of 3
     groups 2 + 1, and the small token budget gives them unequal numbers of micro-batches."""
@@ -73,6 +73,7 @@ def test_two_ranks_equal_one_process(tiny_dir, tmp_path):
     assert verify_checkpoint(ckpt) is None
 
 
+@pytest.mark.slow  # 80 s: five launches
 def test_two_ranks_resume_exact_and_with_one_rank(tiny_dir, tmp_path):
     """Interrupted after step 1 (SIGTERM on rank 0 during step 1: both ranks stop after it),
     resumed with 2 ranks: the uninterrupted 2-rank run's weights. Resumed with 1 rank: it finishes
@@ -97,3 +98,25 @@ def test_two_ranks_resume_exact_and_with_one_rank(tiny_dir, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     assert "resuming a checkpoint of 2 ranks with 1" in one.stderr
     assert [p.name for p in list_checkpoints(tmp_path / "cut1")][-1] == "step-000002"
+
+
+def test_nproc_relaunches_under_torchrun(monkeypatch):
+    """`dapo train --nproc 2 ...` becomes torchrun with the same arguments, --nproc left out."""
+    import dapo.cli
+
+    calls = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(dapo.cli.os, "execv", lambda exe, argv: calls.append(argv) or sys.exit(0))
+    with pytest.raises(SystemExit):
+        dapo.cli.main(["train", "--nproc", "2", "--lr", "1e-5", "--train-steps", "2"])
+    assert calls == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                      "dapo.cli", "train", "--lr", "1e-5", "--train-steps", "2"]]
+    assert dapo.cli.without_nproc(["train", "--nproc=2", "--lr", "1"]) == ["train", "--lr", "1"]
+
+
+def test_share_matches_trainbatch_shard():
+    from dapo.distributed import share
+
+    items = list(range(7))
+    assert [share(items, r, 3) for r in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [share([0], r, 2) for r in range(2)] == [[0], []]
