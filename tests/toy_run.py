@@ -6,6 +6,9 @@ no way to name a reward function), and with one fault to inject:
     TOY_SIGNAL_AT_CALLS=N[,M]  the process sends itself TOY_SIGNAL (default SIGTERM) when the
                                reward function scores the N-th (and M-th) group, i.e. in the
                                middle of a train step.
+    TOY_SIGNAL_RANK=R          under torchrun, only rank R injects that signal.
+    TOY_ENGINE=fixed           responses are a fixed function of the prompt (FixedEngine), so runs
+                               with different numbers of ranks train on identical batches.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ def toy_task(name: str = "toy") -> Task:
         with scored.get_lock():
             first, scored.value = scored.value + 1, scored.value + groups
         targets = os.environ.get("TOY_SIGNAL_AT_CALLS", "").split(",")
+        if os.environ.get("TOY_SIGNAL_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+            targets = []
         for n in range(first, first + groups):
             if str(n) in targets:
                 os.kill(trainer_pid, signal.Signals[os.environ.get("TOY_SIGNAL", "SIGTERM")])
@@ -52,6 +57,28 @@ def toy_task(name: str = "toy") -> Task:
 TOY_OPTIONS = dict(group_size=4, max_new_tokens=3, train_batch_size=2, gen_batch_size=3, mini_batch_size=1, mu=2,
                    lr=1e-3, warmup_steps=2, lr_schedule="cosine", train_steps=4, threads=1, verbose=False,
                    eval_samples=2, refill="rounds")
+
+
+class FixedEngine:
+    """A rollout engine whose G responses depend only on the prompt: 1 to 3 tokens then a stop
+    token, so the toy reward (characters mod 3) differs within a group."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def generate(self, prompt_ids, n, sampling):
+        from dapo.rollout import Samples
+
+        out = []
+        for p in prompt_ids:
+            base = sum(p) * 7
+            responses = [[200 + (base + 13 * j + 5 * k) % 300 for k in range(1 + j % 3)] + [sampling.stop_token_ids[0]]
+                         for j in range(n)]
+            out.append(Samples(responses, [False] * n))
+        return out
+
+    def sync_weights(self, model) -> None:
+        pass
 
 
 def save_tiny_model(path: Path, tokenizer: Any) -> Path:
@@ -93,4 +120,6 @@ if __name__ == "__main__":
     from dapo.cli import main
 
     dapo.trainer.build_task = lambda config: toy_task(config.task)
+    if os.environ.get("TOY_ENGINE") == "fixed":
+        dapo.trainer.HFEngine = FixedEngine
     sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,13 @@
 """Stage: update. The Actor owns the policy model, its optimizer and learning-rate schedule, and
 the training forward (shared-prompt packing, logprobs.py; the loss, loss.py).
 
+Data-parallel (torchrun, docs/distributed.md): with several ranks the model is sharded with
+FSDP2 (`fully_shard` per decoder layer, then the root) and every rank holds the whole rollout
+batch; each trains on its contiguous share of every mini-batch's groups, with the mini-batch's
+global denominators (all-reduced) and its loss multiplied by the world size (FSDP averages the
+gradients over ranks), so the gradient is the single-process one. Every rank runs the same
+number of forwards and backwards (empty shares run zero-loss dummies): collectives must match.
+
 `update(batch)` is paper Algorithm 1, lines 9-11: mu passes over the rollout batch, one optimizer
 step (`train_step`) per mini-batch. `train_step` takes the mini-batch's *global* loss
 denominators (valid tokens and responses of the whole mini-batch), so splitting it into
@@ -11,16 +18,20 @@ the device as tensors and are read back once per optimizer step.
 from __future__ import annotations
 
 import math
+import os
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from dapo import distributed
 from dapo.batch import TrainBatch
 from dapo.config import DAPOConfig
 from dapo.errors import TrainingDiverged
-from dapo.logprobs import PackedRows, pack, pad_stack, plan_micro_batches, split_by_response, token_logprobs
+from dapo.logprobs import (PACKED_FORWARD, PackedRows, pack, packed_logits, pad_stack, plan_micro_batches,
+                           split_by_response, token_logprobs)
 from dapo.loss import policy_loss
 
 
@@ -39,6 +50,9 @@ class Actor:
                  ref_model: torch.nn.Module | None = None, warn: Callable[[str], None] = print) -> None:
         c = self.config = config
         self.model, self.ref_model, self.pad_id, self.warn = model, ref_model, pad_id, warn
+        self.world = distributed.world_size()
+        if self.world > 1:
+            shard_model(model, c)  # before the optimizer: it must hold the sharded parameters
         # fused AdamW is 4x faster than the per-tensor loop on CPU (0.08 s vs 0.36 s a step for 135M).
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, betas=tuple(c.adam_betas),
                                            weight_decay=c.weight_decay, fused=True)
@@ -54,12 +68,21 @@ class Actor:
         return [pack(mb, self.pad_id)
                 for mb in plan_micro_batches(batch, c.max_tokens_per_micro_batch, c.shared_prompt, rows, keep)]
 
+    def dummy(self) -> PackedRows:
+        """One pad token predicting itself, owned by no response: the zero-loss micro-batch a rank
+        runs when it has fewer micro-batches than another (FSDP's collectives must match)."""
+        one = torch.tensor([[self.pad_id]])
+        return PackedRows(one, torch.zeros_like(one), torch.ones(1, 1, 1, 1, dtype=torch.bool), torch.tensor([0]),
+                          torch.tensor([self.pad_id]), [])
+
     @torch.no_grad()
     def logprobs(self, plan: list[PackedRows], model: torch.nn.Module | None = None) -> dict[int, torch.Tensor]:
         """Per-token log-probs of every packed response, by batch row (no gradient)."""
         out = {}
         for packed in plan:
             lp, _ = token_logprobs(model or self.model, packed, self.config.temperature)
+            if not packed.owner:  # a dummy
+                continue
             for (_, row, _), t in zip(packed.owner, split_by_response(lp, packed.owner)):
                 out[row] = t
         return out
@@ -81,6 +104,9 @@ class Actor:
         tokens = 0
         for packed in plan:
             lp, ent = token_logprobs(self.model, packed, c.temperature, with_entropy=with_entropy)
+            if not packed.owner:  # a dummy: gathers and reduces like the others, contributes zero
+                (lp.sum() * 0.0).backward()
+                continue
             per_resp = split_by_response(lp, packed.owner)
             rows = [row for _, row, _ in packed.owner]
             if record_old:
@@ -94,7 +120,8 @@ class Actor:
                 c.eps_low, c.eps_high, c.clip_ratio_c, c.loss_agg,
                 ref_log_prob=pad_stack([ref[r] for r in rows]) if ref else None,
                 kl_coef=c.kl_coef, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=c.max_new_tokens)
-            loss.backward()
+            # FSDP averages gradients over ranks; the loss holds this rank's share of the global sum.
+            (loss * self.world if self.world > 1 else loss).backward()
             objective = objective - loss.detach()
             tokens += int(packed.input_ids.numel())
             for k, v in m.items():
@@ -102,11 +129,15 @@ class Actor:
             if ent is not None:
                 entropy_sum = entropy_sum + ent.sum()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm or math.inf)
-        # One host sync for the whole step.
-        names = list(metric_sums)
-        values = torch.stack([objective, grad_norm.to(device).float(), entropy_sum] +
-                             [metric_sums[k].float() for k in names]).tolist()
-        obj, norm, ent_sum = values[:3]
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor (FSDP): already the global norm
+            grad_norm = grad_norm.full_tensor()
+        # One host sync for the whole step (and, with several ranks, one all-reduce of the sums).
+        names = list(metric_sums) if self.world == 1 else self.metric_names()
+        sums = torch.stack([objective, entropy_sum, torch.tensor(float(tokens), device=device)] +
+                           [torch.as_tensor(metric_sums.get(k, 0.0), device=device).float() for k in names])
+        values = distributed.all_reduce(sums.double()).tolist()
+        obj, ent_sum, tokens = values[0], values[1], int(values[2])
+        norm = float(grad_norm)
         metrics = {k: v / max(num_tokens, 1) for k, v in zip(names, values[3:])}
         skipped = not (math.isfinite(obj) and math.isfinite(norm))
         if skipped:
@@ -122,6 +153,10 @@ class Actor:
             self.optimizer_steps += 1
         return StepResult(obj, norm, skipped, metrics, ent_sum, tokens)
 
+    def metric_names(self) -> list[str]:
+        """policy_loss's metrics, the same on every rank (a rank with only dummies has none)."""
+        return ["clip_frac_low", "clip_frac_high", "approx_kl"] + (["kl_ref"] if self.ref_model is not None else [])
+
     # --- mu passes over a rollout batch ----------------------------------------------------------
     def update(self, batch: TrainBatch, train_step: int = 0,
                on_grad_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
@@ -132,9 +167,19 @@ class Actor:
         c = self.config
         mb = c.groups_per_mini_batch
         mini_batches = [list(range(i, min(i + mb, batch.num_groups))) for i in range(0, batch.num_groups, mb)]
-        rows_of = [[r for r in range(len(batch)) if int(batch.group[r]) in set(ids)] for ids in mini_batches]
+        # This rank's contiguous share of each mini-batch's groups (all of them on one rank).
+        mine = [set(distributed.share(ids, distributed.rank(), self.world)) for ids in mini_batches]
+        rows_of = [[r for r in range(len(batch)) if int(batch.group[r]) in ids] for ids in mine]
         keep = batch.loss_mask(c.overlong_filter)
         plans = [self.pack(batch, rows, keep) for rows in rows_of]  # packed once, used every pass
+        # The loss denominators of each whole mini-batch: the shares' counts, summed over ranks.
+        kept_of = [[r for r in rows if bool(keep[r])] for rows in rows_of]
+        counts = distributed.all_reduce_floats([float(n) for kept in kept_of for n in
+                                                (sum(len(batch.response_ids[r]) for r in kept), len(kept))])
+        denominators = [(int(counts[2 * i]), int(counts[2 * i + 1])) for i in range(len(kept_of))]
+        if self.world > 1:  # equal numbers of micro-batches on every rank
+            most = distributed.all_reduce_floats([float(len(p)) for p in plans], "max")
+            plans = [p + [self.dummy()] * (int(n) - len(p)) for p, n in zip(plans, most)]
         # Old-policy log-probs, needed from the second optimizer step on. The first mini-batch of
         # the first pass runs before any update, so its own forward gives them exactly (ratio 1).
         old: dict[int, torch.Tensor] = {}
@@ -149,11 +194,10 @@ class Actor:
         tokens_trained, skipped = 0, 0
         entropy_sum, entropy_tokens = 0.0, 0
         for epoch in range(c.mu):
-            for mbi, rows in enumerate(rows_of):
-                kept = [r for r in rows if bool(keep[r])]
-                num_tokens = sum(len(batch.response_ids[r]) for r in kept)
+            for mbi in range(len(rows_of)):
+                num_tokens, num_seqs = denominators[mbi]
                 result = self.train_step(plans[mbi], batch.advantages, old, ref, num_tokens=num_tokens,
-                                         num_seqs=len(kept), with_entropy=epoch == 0,
+                                         num_seqs=num_seqs, with_entropy=epoch == 0,
                                          record_old=epoch == 0 and mbi == 0)
                 tokens_trained += result.tokens
                 grad_step = epoch * len(rows_of) + mbi + 1
@@ -170,7 +214,7 @@ class Actor:
                     entropy_tokens += num_tokens
                 if on_grad_step is not None:
                     on_grad_step(grad_step, result.objective)
-        batch.old_logprobs = [old.get(r, torch.zeros(0)) for r in range(len(batch))]
+        batch.old_logprobs = [old.get(r, torch.zeros(0)) for r in range(len(batch))]  # this rank's share
         steps = max(c.grad_steps_per_train_step - skipped, 1)  # averages over the steps taken
         out = {k: v / steps for k, v in sums.items()}
         out["entropy"] = entropy_sum / max(entropy_tokens, 1)
@@ -200,8 +244,10 @@ class Actor:
                 "optimizer_steps": self.optimizer_steps, "skipped_steps": self.skipped_steps,
                 "bad_steps_in_row": self.bad_steps_in_row}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state_dict(self, state: dict[str, Any], optimizer: bool = True) -> None:
+        """`optimizer=False`: the optimizer state was loaded elsewhere (sharded checkpoints)."""
+        if optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.optimizer_steps, self.skipped_steps = state["optimizer_steps"], state["skipped_steps"]
         self.bad_steps_in_row = state["bad_steps_in_row"]
@@ -220,3 +266,23 @@ def lr_lambda(c: DAPOConfig, total_steps: int) -> Callable[[int], float]:
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return f
+
+
+MIXED_PRECISION_ENV = "DAPO_FSDP_MIXED_PRECISION"
+
+
+def shard_model(model: torch.nn.Module, config: DAPOConfig) -> None:
+    """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, final norm, head), in
+    place; the packed training forward is registered as an FSDP forward method (logprobs.py)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    kwargs = {}
+    if os.environ.get(MIXED_PRECISION_ENV) == "bf16":
+        # fp32 parameters and optimizer state, bf16 forward/backward, fp32 gradient reduction: the
+        # GPU recipe of docs/distributed.md (untested here: no GPU was available)
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    setattr(model, PACKED_FORWARD, types.MethodType(packed_logits, model))
+    register_fsdp_forward_method(model, PACKED_FORWARD)

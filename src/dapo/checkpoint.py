@@ -1,7 +1,12 @@
 """Stage: checkpoints. RUN_DIR/checkpoints/step-NNNNNN/ holds a Hugging Face model directory
 (`from_pretrained` loads it), the tokenizer, the run's config (dapo_config.yaml) and, for
 resuming, trainer_state.pt. A checkpoint is written to a temporary directory and renamed into
-place, so it is either complete or absent."""
+place, so it is either complete or absent.
+
+A run of several ranks (torchrun, docs/distributed.md) adds, written by every rank:
+`dcp/` the model and optimizer state as a `torch.distributed.checkpoint` (sharded; loadable with
+any number of ranks) and `rng/rank-NNNNN.pt` each rank's RNG state; trainer_state.pt (rank 0's)
+then says `world_size` and holds no optimizer (its "optimizer" entry names the dcp/ directory)."""
 
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ STATE_FILE = "trainer_state.pt"
 MANIFEST = "MANIFEST.json"   # sha256 and size of every other file, written just before COMPLETE
 WEIGHTS = "model.safetensors"
 CONFIG_FILE = "dapo_config.yaml"
+SHARDED_DIR = "dcp"          # torch.distributed.checkpoint of {"model", "optim"}, runs of several ranks
+RNG_DIR = "rng"              # rank-NNNNN.pt: capture_rng() of each rank
 # Keys trainer_state.pt must hold for a resume (Run.state_dict).
 STATE_KEYS = ("step", "optimizer_steps", "skipped_steps", "bad_steps_in_row", "optimizer", "scheduler", "rng",
               "sampler", "buffer", "refill")
@@ -62,18 +69,22 @@ def checkpoint_step(path: Path) -> int:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any, config: DAPOConfig,
-                    trainer_state: dict[str, Any] | None = None, keep_last: int = 2) -> Path:
+                    trainer_state: dict[str, Any] | None = None, keep_last: int = 2, tmp: Path | None = None) -> Path:
     """Write checkpoint `step` atomically and prune all but the newest `keep_last`.
 
+    `tmp`: a temporary directory (`tmp_checkpoint_dir`) already holding other files of this
+    checkpoint (the ranks' sharded state); by default a fresh one.
     Raises CheckpointError (leaving no temporary files and every older checkpoint intact) when
     the disk is full or the directory unwritable.
     """
     final = checkpoint_dir(run_dir, step)
-    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    given = tmp is not None
+    tmp = tmp if given else tmp_checkpoint_dir(run_dir, step, os.getpid())
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        if not given:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True)
         _maybe_fault(tmp, step)
         tokenizer.save_pretrained(tmp)
@@ -110,6 +121,83 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
     return final
 
 
+def tmp_checkpoint_dir(run_dir: Path, step: int, pid: int) -> Path:
+    final = checkpoint_dir(run_dir, step)
+    return final.parent / f"{TMP_PREFIX}{final.name}-{pid}"
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            export_model: torch.nn.Module, tokenizer: Any, config: DAPOConfig,
+                            trainer_state: dict[str, Any], rng_state: dict[str, Any], keep_last: int = 2) -> Path:
+    """The checkpoint of a run of several ranks; every rank calls it (collectives inside).
+
+    Every rank writes its shards of the model and optimizer (DCP, dcp/) and its RNG state
+    (rng/rank-NNNNN.pt) into one temporary directory; rank 0 then gathers the full weights into
+    `export_model` (an unsharded copy of the model), writes the Hugging Face directory, the
+    tokenizer, config and `trainer_state` there, and renames it into place (save_checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    from dapo import distributed
+
+    rank = distributed.rank()
+    tmp = tmp_checkpoint_dir(run_dir, step, distributed.broadcast_object(os.getpid()))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    problem = None
+    if rank == 0:
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / RNG_DIR).mkdir(parents=True)
+        except OSError as e:
+            problem = _reason(e)
+    problem = distributed.broadcast_object(problem)  # the directory exists for every rank, or none writes
+    if problem is None:
+        try:  # DCP raises on every rank when one fails
+            dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+                     checkpoint_id=tmp / SHARDED_DIR)
+            torch.save(rng_state, tmp / RNG_DIR / f"rank-{rank:05d}.pt")
+        except (OSError, RuntimeError) as e:
+            problem = _reason(e)
+    problems = [p for p in distributed.all_gather_object(problem) if p]
+    final = checkpoint_dir(run_dir, step)
+    if problems:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        raise CheckpointError(f"could not write checkpoint {final}: {problems[0]}. "
+                              + (f"The previous checkpoint {previous} is intact." if previous else
+                                 "No earlier checkpoint exists."))
+    if rank == 0:
+        try:
+            with torch.no_grad():
+                export_model.load_state_dict(full)
+            save_checkpoint(run_dir, step, export_model, tokenizer, config, trainer_state, keep_last, tmp=tmp)
+        except CheckpointError as e:
+            problem = str(e)
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        raise CheckpointError(problem)
+    return final
+
+
+def load_sharded_state(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load dcp/ into `model` and `optimizer`, resharded to however many ranks run now (one
+    process without a process group included)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    try:
+        dcp.load(state, checkpoint_id=Path(checkpoint) / SHARDED_DIR)
+    except Exception as e:  # noqa: BLE001 - a damaged file becomes one clear message
+        raise CheckpointError(f"could not read {Path(checkpoint) / SHARDED_DIR}: {_reason(e)}") from e
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -120,8 +208,9 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(directory: Path) -> None:
     """MANIFEST.json: {"files": {name: {"sha256": ..., "bytes": ...}}} for every file in `directory`."""
-    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
-             for p in sorted(Path(directory).iterdir()) if p.is_file() and p.name not in (MANIFEST, "COMPLETE")}
+    directory = Path(directory)
+    files = {p.relative_to(directory).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in (MANIFEST, "COMPLETE")}
     (Path(directory) / MANIFEST).write_text(json.dumps({"version": 1, "files": files}, indent=1) + "\n")
 
 
@@ -271,6 +360,8 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with p.open("rb") as f:
                 os.fsync(f.fileno())
+        elif p.is_dir():
+            _fsync_tree(p)
     _fsync_dir(path)
 
 

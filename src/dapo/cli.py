@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest complete "
                          "checkpoint; options may change only logging, output, evaluation and --train-steps")
     p_train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p_train.add_argument("--nproc", type=int, metavar="N", help="train on N data-parallel processes of this machine "
+                         "(FSDP2): re-runs this command under `torchrun --standalone --nproc-per-node N`; see "
+                         "docs/distributed.md for several machines")
     add_config_arguments(p_train)
     p_eval = sub.add_parser("eval", help="evaluate a model or run directory", description="Evaluate --model (a "
                             "model id or directory, or a run directory: its newest checkpoint) on --data (with "
@@ -104,6 +108,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = config_from_args(args)
         result = train(config)
+    from dapo import distributed
+
+    if distributed.rank() != 0:  # torchrun: one summary, rank 0's
+        return 0
     name = "share of answers that are exactly \"5\"" if config.task == "digit" and config.data is None else "accuracy"
     if result.eval_after:
         avg = next(key for key in result.eval_after if key.startswith("avg@"))  # avg@1 when greedy
@@ -137,9 +145,38 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def without_nproc(argv: list[str]) -> list[str]:
+    """`argv` without `--nproc N` / `--nproc=N`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> None:
+    """Replace this process by `torchrun --standalone --nproc-per-node N -m dapo.cli <argv>`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "dapo.cli", *without_nproc(argv)]
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.command == "train" and args.nproc is not None:
+        if args.nproc < 1:
+            parser.error("--nproc must be at least 1")
+        if "WORLD_SIZE" in os.environ:
+            parser.error("--nproc is for a plain `dapo train`; under torchrun the launcher sets the processes")
+        if args.nproc > 1:
+            launch_torchrun(args.nproc, argv)
     try:
         return {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot}[args.command](args)
     except TrainingInterrupted as e:
@@ -159,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dapo: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from dapo import distributed
+
+        distributed.destroy()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from dapo import distributed
 from dapo.batch import TrainBatch
 from dapo.config import DAPOConfig
 from dapo.data import PromptSampler
@@ -53,7 +54,30 @@ class BatchCollector:
 
     # --- one round -------------------------------------------------------------------------------
     def rollout(self, indices: list[int]) -> TrainBatch:
-        """Sample G responses for each training record in `indices` and score them."""
+        """Sample G responses for each training record in `indices` and score them.
+
+        With several ranks each generates and scores its contiguous share of `indices`, then the
+        shares are all-gathered in rank order: every rank returns the same whole round, so what
+        follows (filter, buffer, stats) is identical on all ranks. An error on one rank (a reward
+        function that raises, out of memory) is raised on every rank, so none waits forever."""
+        if distributed.world_size() == 1:
+            return self._rollout(indices)
+        part, error, before = None, None, self.reward_errors
+        mine = distributed.share(indices)
+        try:
+            part = self._rollout(mine) if mine else None
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+        gathered = distributed.all_gather_object((part, self.reward_errors - before, _picklable(error)))
+        failed = [e for _, _, e in gathered if e is not None]
+        if error is not None:
+            raise error
+        if failed:
+            raise failed[0]
+        self.reward_errors = before + sum(n for _, n, _ in gathered)  # all ranks' errors this step
+        return TrainBatch.cat([p for p, _, _ in gathered if p is not None])
+
+    def _rollout(self, indices: list[int]) -> TrainBatch:
         c, records = self.config, self.sampler.records
         prompts = [self.prompt_ids[i] for i in indices]
         with oom_guard("generation", c):
@@ -257,3 +281,16 @@ class BatchCollector:
         self.streaks = dict(zip(refill["streak_prompts"], refill["streak_lengths"]))
         version, internal, gauss = refill["skip_rng"]
         self.skip_rng.setstate((version, tuple(internal), gauss))
+
+
+def _picklable(error: Exception | None) -> Exception | None:
+    """`error` itself when it survives pickling (to reach the other ranks), else a RuntimeError with its text."""
+    import pickle
+
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(error).__name__}: {error}")

@@ -119,6 +119,19 @@ def pack(segments: list[Segment], pad_id: int) -> PackedRows:
     return PackedRows(ids, pos, allow[:, None], torch.tensor(predict_at), torch.tensor(targets), owner)
 
 
+PACKED_FORWARD = "dapo_packed_logits"
+
+
+def packed_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  position_ids: torch.Tensor, predict_at: torch.Tensor) -> torch.Tensor:
+    """Logits [N, V] at the flat positions `predict_at` of the packed rows: the decoder on every
+    token, the LM head only where a response token is predicted."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False).last_hidden_state
+    return head(hidden.reshape(-1, hidden.shape[-1])[predict_at])
+
+
 def token_logprobs(
     model: torch.nn.Module,
     packed: PackedRows,
@@ -128,15 +141,13 @@ def token_logprobs(
     """log pi(y_t | x, y_<t) for every target token, with logits divided by `temperature`
     exactly as in sampling. Returns flat [N] log-probs (and entropies if asked, no grad)."""
     device = next(model.parameters()).device
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    hidden = decoder(
-        input_ids=packed.input_ids.to(device),
-        attention_mask=packed.attention_mask.to(device),
-        position_ids=packed.position_ids.to(device),
-        use_cache=False,
-    ).last_hidden_state
-    hidden = hidden.reshape(-1, hidden.shape[-1])[packed.predict_at.to(device)]
-    logits = head(hidden).float()
+    # A model sharded by the Actor (FSDP2) carries `dapo_packed_logits`, the same function
+    # registered as an FSDP forward method, so that its root parameters (embeddings, final norm,
+    # tied head) are gathered around the whole computation and their gradients reduced.
+    forward = getattr(model, PACKED_FORWARD, None)
+    args = (packed.input_ids.to(device), packed.attention_mask.to(device), packed.position_ids.to(device),
+            packed.predict_at.to(device))
+    logits = (forward(*args) if forward is not None else packed_logits(model, *args)).float()
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)

@@ -4,7 +4,8 @@
   run (context manager; also released by the kernel on any exit, SIGKILL included, so a lock
   left by a dead process is never "stale": the next run simply takes it). The holder's pid, host
   and start time are written inside for the refusal message. Re-entrant within one process (the
-  CLI holds it across resume + train, and `Run.train` takes it again).
+  CLI holds it across resume + train, and `Run.train` takes it again). Under torchrun only rank 0
+  takes it (the other ranks get a lock that holds nothing).
 - `prepare_run_dir(run_dir, config, resuming)`: a new run refuses a directory that already holds
   a run unless `config.overwrite`, which first deletes that run's files and checkpoints; then
   config.yaml is written (with absolute paths, `run_dir_config`).
@@ -66,7 +67,11 @@ def acquire_run_lock(run_dir: str | Path) -> RunLock:
     process that holds it."""
     import fcntl
 
+    from dapo import distributed
+
     run_dir = Path(run_dir)
+    if distributed.rank() != 0:  # torchrun: rank 0 holds the lock for the whole group
+        return RunLock(run_dir, -1, "")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

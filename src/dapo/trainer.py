@@ -9,10 +9,16 @@
 
 Everything else here is assembly (building the parts from a config) and the run's life cycle:
 signals, checkpoints, resuming.
+
+Under torchrun (several ranks, docs/distributed.md) every rank runs this same loop on the same
+batch: the collector gathers each round from all ranks, the Actor trains each rank on its share
+of the groups with FSDP2; rank 0 alone evaluates and writes the run directory's files.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
 import random
 import signal
@@ -28,11 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from dapo import distributed
 from dapo.actor import Actor
 from dapo.advantages import group_advantages
 from dapo.batch import TrainBatch
-from dapo.checkpoint import (check_run_dir, checkpoint_dir, checkpoint_step, estimate_checkpoint_bytes,
-                             latest_checkpoint, load_trainer_state, remove_stale_tmp, save_checkpoint)
+from dapo.checkpoint import (RNG_DIR, SHARDED_DIR, check_run_dir, checkpoint_dir, checkpoint_step,
+                             estimate_checkpoint_bytes, latest_checkpoint, load_sharded_state, load_trainer_state,
+                             remove_stale_tmp, save_checkpoint, save_sharded_checkpoint)
 from dapo.collector import BatchCollector
 from dapo.config import DAPOConfig
 from dapo.data import PromptSampler, encode_prompt
@@ -85,6 +93,10 @@ class Trainer:
                            else reward_functions(self.task, c.reward_weights))
         torch.set_num_threads(c.threads or os.cpu_count() or 1)
         self.device = pick_device(c.device)
+        distributed.init(self.device)  # under torchrun: the process group (gloo on CPU, NCCL on CUDA)
+        self.world = distributed.world_size()
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(c.model)
         self.model = (model if model is not None else load_model(c.model, c.dtype, self.device)).to(self.device)
         self.model.train()
@@ -95,9 +107,15 @@ class Trainer:
         self.prompt_ids = [encode_prompt(self.tokenizer, r["prompt"], c.system_prompt, c.max_prompt_len)
                            for r in self.task.train]
         self.stop_ids = sorted(stop_token_ids(self.model, self.tokenizer))
-        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.rank = distributed.rank()
         self.progress: Progress = NullProgress()  # fit() swaps in the display (rank 0 only)
-        self.engine = engine if engine is not None else HFEngine(self.model, self.tokenizer.pad_token_id,
+        # With several ranks the Actor shards the training model (FSDP2); sampling, evaluation and
+        # the Hugging Face export use an unsharded copy on each rank, refreshed after every train
+        # step (`_sync_engine`): no collective runs inside generation, whose length differs by rank.
+        self.gen_model = self.model
+        if self.world > 1:
+            self.gen_model = copy.deepcopy(self.model).requires_grad_(False)
+        self.engine = engine if engine is not None else HFEngine(self.gen_model, self.tokenizer.pad_token_id,
                                                                  c.shared_prompt)
         self.actor = Actor(self.model, c, self.tokenizer.pad_token_id, ref_model, warn=self._warn)
         self.scorer = RewardScorer(self.reward_fns, self.task.accuracy, accuracy_name=self.task.accuracy_name,
@@ -111,6 +129,11 @@ class Trainer:
         self.stop_signal: int | None = None  # set by the first SIGINT/SIGTERM
         self.run_dir = Path(c.output_dir or f"runs/{c.task if c.data is None else 'data'}-"
                             f"{datetime.now():%Y%m%d-%H%M%S}")
+        if self.world > 1:  # every rank the same directory (rank 0's clock)
+            self.run_dir = Path(distributed.broadcast_object(str(self.run_dir)))
+            # Each rank samples its own responses: its torch RNG (generation's) is offset by its
+            # rank; Python's and NumPy's, and the prompt order (PromptSampler's own seed), are shared.
+            torch.manual_seed(generation_seed(c.seed, self.rank))
 
     # --- the loop -------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -143,7 +166,7 @@ class Trainer:
                     t1 = time.perf_counter()
                     with oom_guard("training", c):
                         stats.update(self.actor.update(batch, self.step + 1, on_grad_step=self._grad_step_done))
-                    self.engine.sync_weights(self.model)
+                    self._sync_engine()
                     stats.update(self._timings(stats, t0, t1))
                     stats["optimizer_steps"] = self.actor.optimizer_steps
                     self.step += 1
@@ -153,6 +176,8 @@ class Trainer:
                         self._evaluate(logger, trackers, f"at step {self.step}")
                     if c.save_every and self.step % c.save_every == 0 and self.step < c.train_steps:
                         self.save()
+                    if self.world > 1 and distributed.any_rank(self.stop_signal is not None):
+                        self.stop_signal = self.stop_signal or signal.SIGTERM  # all ranks stop together
                     if self.stop_signal is not None and self.step < c.train_steps:
                         self._save_if_new()
                         raise TrainingInterrupted(f"Interrupted at step {self.step}; resume with: dapo train "
@@ -180,6 +205,18 @@ class Trainer:
         return TrainResult(self.run_dir, checkpoint, before, after, history, time.perf_counter() - start, self.step)
 
     # --- pieces of the loop -------------------------------------------------------------------------
+    def _sync_engine(self) -> None:
+        """The rollout engine samples from the new weights; with several ranks they are gathered
+        from the shards into every rank's unsharded copy first."""
+        if self.world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+            with torch.no_grad():
+                self.gen_model.load_state_dict(full)
+            del full
+        self.engine.sync_weights(self.gen_model)
+
     def _grad_step_done(self, grad_step: int, objective: float) -> None:
         self.progress.grad_step(self.step + 1, grad_step, objective)
 
@@ -202,8 +239,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Held-out avg@k / pass@k of the current policy ({} when the task has no evaluation set)."""
         c = self.config
-        if self.task.accuracy is None or not self.task.eval:
-            return {}
+        if self.task.accuracy is None or not self.task.eval or self.rank != 0:
+            return {}  # several ranks: rank 0 evaluates alone, on its unsharded copy
         # Evaluate on a copy of the RNG state: how often and how much we evaluate must not change
         # the training samples (so eval settings are safe to change on resume).
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
@@ -232,7 +269,10 @@ class Trainer:
         c = self.config
         if self.rank != 0:
             self.progress = NullProgress()
-            yield None, None, self.progress
+            try:
+                yield None, None, self.progress
+            finally:
+                self.scorer.close()
             return
         check_run_dir(self.run_dir, estimate_checkpoint_bytes(self.model))
         prepare_run_dir(self.run_dir, c, resuming=self.resumed_from is not None)  # refuses another run's directory
@@ -252,19 +292,27 @@ class Trainer:
 
     # --- checkpoints and resuming ---------------------------------------------------------------------
     def save(self) -> Path:
+        if self.world > 1:  # every rank: sharded model/optimizer (DCP) and its RNG; rank 0 the rest
+            return save_sharded_checkpoint(self.run_dir, self.step, self.model, self.actor.optimizer, self.gen_model,
+                                           self.tokenizer, self.config, self.state_dict(), capture_rng(),
+                                           keep_last=self.config.keep_last)
         return save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.config,
                                trainer_state=self.state_dict(), keep_last=self.config.keep_last)
 
     def _save_if_new(self) -> None:
-        if latest_checkpoint(self.run_dir) != checkpoint_dir(self.run_dir, self.step):
+        latest = latest_checkpoint(self.run_dir) if self.rank == 0 else None
+        if distributed.broadcast_object(latest) != checkpoint_dir(self.run_dir, self.step):
             self.save()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything besides the weights that decides the rest of the run, as plain containers
         and tensors (readable with torch.load(weights_only=True))."""
         actor = self.actor.state_dict()
+        if self.world > 1:  # the optimizer's shards go to dcp/ (save_sharded_checkpoint)
+            actor["optimizer"] = f"sharded: {SHARDED_DIR}/"
         collector = self.collector.state_dict()
-        return {"version": 2, "step": self.step, "rng": capture_rng(), **actor, **collector}
+        return {"version": 2, "step": self.step, "rng": capture_rng(), "world_size": self.world, **actor,
+                **collector}
 
     def restore(self, checkpoint: Path) -> None:
         """Load weights and trainer state from `checkpoint`, so that `fit` continues the run
@@ -284,20 +332,63 @@ class Trainer:
             self._warn(f"dapo: warning: train_steps changed from {saved.train_steps} to {self.config.train_steps}; "
                        f"the {self.config.lr_schedule} learning-rate schedule is stretched to the new length from "
                        "here on")
-        weights = load_model(str(checkpoint), self.config.dtype, "cpu")  # no second copy on the GPU
-        with torch.no_grad():
-            self.model.load_state_dict(weights.state_dict())  # in place: the optimizer keeps its parameters
-        del weights
-        self.engine.sync_weights(self.model)
-        self.actor.load_state_dict(state)
+        saved_world = int(state.get("world_size", 1))
+        if (checkpoint / SHARDED_DIR).is_dir():  # written by several ranks: resharded to this world size
+            load_sharded_state(checkpoint, self.model, self.actor.optimizer)
+            self.actor.load_state_dict(state, optimizer=False)
+        else:
+            weights = load_model(str(checkpoint), self.config.dtype, "cpu")  # no second copy on the GPU
+            if self.world > 1:
+                self._load_single_process_state(weights.state_dict(), state["optimizer"])
+                self.actor.load_state_dict(state, optimizer=False)
+            else:
+                with torch.no_grad():
+                    self.model.load_state_dict(weights.state_dict())  # in place: the optimizer keeps its parameters
+                self.actor.load_state_dict(state)
+            del weights
+        self._sync_engine()
         self.collector.load_state_dict(state)
         self.step = state["step"]
-        restore_rng(state["rng"])
-        remove_stale_tmp(self.run_dir)
-        for log in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
-            truncate_jsonl(self.run_dir / log, self.step)
+        self._restore_rng(checkpoint, state, saved_world)
+        if self.rank == 0:
+            remove_stale_tmp(self.run_dir)
+            for log in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
+                truncate_jsonl(self.run_dir / log, self.step)
+        distributed.barrier()
         self.resumed_from = checkpoint
         self._resume_note = f"-- Resuming {self.run_dir} from {checkpoint.name} (step {checkpoint_step(checkpoint)})"
+        if saved_world != self.world:
+            self._warn(f"dapo: resuming a checkpoint of {saved_world} rank{'s' if saved_world > 1 else ''} with "
+                       f"{self.world}: model and optimizer resharded; each rank's RNG reseeded from rank 0's saved "
+                       f"state, so the samples differ from a run that kept {saved_world} "
+                       f"rank{'s' if saved_world > 1 else ''}")
+
+    def _restore_rng(self, checkpoint: Path, state: dict[str, Any], saved_world: int) -> None:
+        """Same world size: each rank its own saved RNG (exact resume). Otherwise every rank
+        restores rank 0's state, and ranks > 0 then reseed torch from it and their rank."""
+        own = checkpoint / RNG_DIR / f"rank-{self.rank:05d}.pt"
+        if saved_world == self.world and self.rank > 0 and own.is_file():
+            restore_rng(torch.load(own, map_location="cpu", weights_only=True))
+            return
+        restore_rng(state["rng"])
+        if self.rank > 0:
+            digest = hashlib.sha256(state["rng"]["torch"].numpy().tobytes()).digest()
+            torch.manual_seed(generation_seed(int.from_bytes(digest[:6], "little"), self.rank))
+
+    def _load_single_process_state(self, weights: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> None:
+        """A checkpoint of one process resumed by several ranks: its full weights and optimizer
+        state (keyed by parameter order) are distributed onto the shards."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
+
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, weights, options=full)
+        # The unsharded copy has the same parameters in the same order: read the optimizer state
+        # there, keyed by parameter name, then shard it.
+        plain = torch.optim.AdamW(self.gen_model.parameters(), lr=self.config.lr)
+        plain.load_state_dict(optimizer)
+        set_optimizer_state_dict(self.model, self.actor.optimizer, get_optimizer_state_dict(self.gen_model, plain),
+                                 options=full)
 
     @contextmanager
     def _stop_on_signal(self) -> Iterator[None]:
@@ -347,9 +438,15 @@ def train(config: DAPOConfig, resume: str | Path | None = None, **parts: Any) ->
             return trainer.fit()
     if config.output_dir is not None:  # refuse (or clear) another run's directory before loading anything
         with acquire_run_lock(config.output_dir):
-            claim_run_dir(config.output_dir, config.overwrite, resuming=False, clear=False)
+            if distributed.rank() == 0:  # the others would see rank 0's files as another run
+                claim_run_dir(config.output_dir, config.overwrite, resuming=False, clear=False)
             return Trainer(config, **parts).fit()
     return Trainer(config, **parts).fit()
+
+
+def generation_seed(seed: int, rank: int) -> int:
+    """Rank `rank`'s torch seed in a run of several ranks (rank 0 keeps `seed`)."""
+    return seed + 1_000_003 * rank
 
 
 def seed_everything(seed: int) -> None:
