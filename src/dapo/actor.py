@@ -32,7 +32,7 @@ from dapo.config import DAPOConfig
 from dapo.errors import TrainingDiverged
 from dapo.logprobs import (PACKED_FORWARD, PackedRows, pack, packed_logits, pad_stack, plan_micro_batches,
                            split_by_response, token_logprobs)
-from dapo.loss import policy_loss
+from dapo.loss import mismatch_stats, policy_loss, rollout_is_weights
 
 
 @dataclass
@@ -90,11 +90,12 @@ class Actor:
     # --- one optimizer step ----------------------------------------------------------------------
     def train_step(self, plan: list[PackedRows], advantages: torch.Tensor, old: dict[int, torch.Tensor],
                    ref: dict[int, torch.Tensor], *, num_tokens: int, num_seqs: int, with_entropy: bool = False,
-                   record_old: bool = False) -> StepResult:
+                   record_old: bool = False, sampler: list[torch.Tensor] | None = None) -> StepResult:
         """Forward/backward every micro-batch of one mini-batch, then one optimizer step.
 
         `num_tokens` / `num_seqs` are the mini-batch's loss denominators. With `record_old` the
         forward's own log-probs become the old policy's (exact before the first step: ratio 1).
+        `sampler`: the rollout engine's log-probs by row, for config.rollout_correction.
         """
         c = self.config
         device = next(self.model.parameters()).device
@@ -112,14 +113,18 @@ class Actor:
             if record_old:
                 for row, t in zip(rows, per_resp):
                     old[row] = t.detach()
+            old_lp = pad_stack([old[r] for r in rows])
+            mask = pad_stack([torch.ones_like(t) for t in per_resp])
+            is_weights = None
+            if sampler is not None and c.correction != "none":
+                is_weights, mask = rollout_is_weights(old_lp, pad_stack([sampler[r] for r in rows]).to(lp.device),
+                                                      mask, c.correction, c.rollout_is_cap, c.rollout_mask_ratio)
             loss, m = policy_loss(
-                pad_stack(per_resp),
-                pad_stack([old[r] for r in rows]),
-                advantages[rows].to(lp.device),
-                pad_stack([torch.ones_like(t) for t in per_resp]),
+                pad_stack(per_resp), old_lp, advantages[rows].to(lp.device), mask,
                 c.eps_low, c.eps_high, c.clip_ratio_c, c.loss_agg,
                 ref_log_prob=pad_stack([ref[r] for r in rows]) if ref else None,
-                kl_coef=c.kl_coef, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=c.max_new_tokens)
+                kl_coef=c.kl_coef, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=c.max_new_tokens,
+                is_weights=is_weights)
             # FSDP averages gradients over ranks; the loss holds this rank's share of the global sum.
             (loss * self.world if self.world > 1 else loss).backward()
             objective = objective - loss.detach()
@@ -198,7 +203,7 @@ class Actor:
                 num_tokens, num_seqs = denominators[mbi]
                 result = self.train_step(plans[mbi], batch.advantages, old, ref, num_tokens=num_tokens,
                                          num_seqs=num_seqs, with_entropy=epoch == 0,
-                                         record_old=epoch == 0 and mbi == 0)
+                                         record_old=epoch == 0 and mbi == 0, sampler=batch.sampler_logprobs)
                 tokens_trained += result.tokens
                 grad_step = epoch * len(rows_of) + mbi + 1
                 if result.skipped:
@@ -215,6 +220,7 @@ class Actor:
                 if on_grad_step is not None:
                     on_grad_step(grad_step, result.objective)
         batch.old_logprobs = [old.get(r, torch.zeros(0)) for r in range(len(batch))]  # this rank's share
+        mismatch = self._mismatch(batch, old)
         steps = max(c.grad_steps_per_train_step - skipped, 1)  # averages over the steps taken
         out = {k: v / steps for k, v in sums.items()}
         out["entropy"] = entropy_sum / max(entropy_tokens, 1)
@@ -225,7 +231,25 @@ class Actor:
         out["lr"] = self.scheduler.get_last_lr()[0]
         out["train_tokens"] = tokens_trained
         out["skipped_steps"] = skipped
+        out.update(mismatch)
         return out
+
+    def _mismatch(self, batch: TrainBatch, old: dict[int, torch.Tensor]) -> dict[str, float]:
+        """Train-inference mismatch between the engine's and the trainer's log-probs of the sampled
+        tokens (before any update), over every rank's responses; {} when the engine gives none."""
+        if batch.sampler_logprobs is None:
+            return {}
+        rows = [r for r in sorted(old) if len(old[r]) == len(batch.sampler_logprobs[r])]
+        n, kl_sum, worst = 0.0, 0.0, 0.0
+        if rows:
+            trainer = pad_stack([old[r] for r in rows])
+            stats = mismatch_stats(trainer, pad_stack([batch.sampler_logprobs[r] for r in rows]).to(trainer.device),
+                                   pad_stack([torch.ones_like(old[r]) for r in rows]))
+            n = float(sum(len(old[r]) for r in rows))
+            kl_sum, worst = float(stats["mismatch_kl"]) * n, float(stats["mismatch_max_abs"])
+        n, kl_sum = distributed.all_reduce_floats([n, kl_sum])
+        worst = distributed.all_reduce_floats([worst], "max")[0]
+        return {"mismatch_kl": kl_sum / max(n, 1.0), "mismatch_max_abs": worst}
 
     def _report_bad_step(self, grad_step: int, train_step: int, result: StepResult) -> None:
         c = self.config

@@ -108,6 +108,15 @@ class DAPOConfig:
     max_prompt_len: int = _f(1024, "Longest prompt in tokens (after the chat template); longer is an error.",
                              group="rollout")
     max_new_tokens: int = _f(4, "L_max: longest response in tokens.", group="rollout")
+    rollout_engine: Literal["hf", "vllm"] = _f("hf", "Sampler of the rollouts: 'hf' (the training model itself, "
+                                               "shared KV cache) or 'vllm' (an in-process vLLM engine, weights "
+                                               "synced after every train step; pip install 'dapo-rl[vllm]').",
+                                               group="rollout")
+    vllm_gpu_memory_utilization: float = _f(0.3, "With --rollout-engine vllm on a GPU: share of GPU memory vLLM "
+                                            "may take (weights + KV cache); the rest is training's.",
+                                            group="rollout")
+    vllm_kv_cache_gb: float = _f(2.0, "With --rollout-engine vllm on a CPU: GiB of KV cache "
+                                 "(VLLM_CPU_KVCACHE_SPACE).", group="rollout")
     temperature: float = _f(1.0, "Sampling temperature; the loss scales logits by the same value.", group="rollout")
     top_p: float = _f(1.0, "Nucleus sampling threshold.", group="rollout")
     shared_prompt: bool = _f(True, "Compute each group's prompt once in generation and training (Prefix "
@@ -121,6 +130,14 @@ class DAPOConfig:
                                         group="loss")
     overlong_filter: bool = _f(False, "Mask truncated responses out of the loss (overlong filtering).",
                                group="loss")
+    rollout_correction: Literal["auto", "none", "tis", "mask"] = _f(
+        "auto", "Train-inference mismatch correction: 'tis' weighs each token by min(pi_old / pi_sampler, "
+        "rollout_is_cap); 'mask' drops a response whose sequence ratio exceeds rollout_mask_ratio; 'auto': none "
+        "with the hf engine (it samples from the trained weights), tis with vllm.", group="loss")
+    rollout_is_cap: float = _f(2.0, "Truncation of the token importance weight of rollout_correction 'tis'.",
+                               group="loss")
+    rollout_mask_ratio: float = _f(3.0, "Sequence ratio above which rollout_correction 'mask' drops a response.",
+                                   group="loss")
     normalize_std: bool = _f(True, "Divide group advantages by the group std (GRPO/DAPO); off is Dr. GRPO.",
                              group="loss")
     eps_low: float = _f(0.2, "Lower clip range: ratio floor 1 - eps_low.", group="loss")
@@ -189,6 +206,10 @@ class DAPOConfig:
                         "save_every", "overlong_buffer_len", "weight_decay", "max_grad_norm", "kl_coef",
                         "max_eval_prompts", "overlong_penalty_factor", "eval_temperature", "log_samples_every",
                         "reward_timeout"]
+        if not (self.rollout_is_cap >= 1 and self.rollout_mask_ratio >= 1):
+            raise ConfigError("rollout_is_cap and rollout_mask_ratio must be >= 1")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if not self.max_oversample >= 1:
             raise ConfigError(f"max_oversample must be >= 1, got {self.max_oversample}")
         if not 0 < self.min_draw_prob <= 1:
@@ -237,6 +258,13 @@ class DAPOConfig:
                 raise ConfigError(f"trackers must be among {list(TRACKERS)}, got {name!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+    @property
+    def correction(self) -> str:
+        """rollout_correction with 'auto' resolved for the engine."""
+        if self.rollout_correction != "auto":
+            return self.rollout_correction
+        return "tis" if self.rollout_engine == "vllm" else "none"
 
     @property
     def groups_per_mini_batch(self) -> int:
@@ -304,6 +332,7 @@ RESUME_SAFE_FIELDS = frozenset({
     "verbose", "output_dir", "train_steps", "save_every", "keep_last", "max_bad_steps",
     "eval_every", "eval_samples", "eval_temperature", "eval_top_p", "max_eval_prompts", "eval_data", "eval_split",
     "threads", "device", "max_tokens_per_micro_batch", "reward_timeout", "overwrite", "solved_accuracy",
+    "vllm_gpu_memory_utilization", "vllm_kv_cache_gb",
 })
 
 
