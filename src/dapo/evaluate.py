@@ -21,7 +21,7 @@ from dapo.data import Record, encode_prompt
 from dapo.errors import DataError, ModelLoadError, oom_guard
 from dapo.models import stop_token_ids
 from dapo.rewards import BUILTIN_REWARDS, RewardFn, RewardFunction, TrainerState, reward_name
-from dapo.rollout import HFEngine, RolloutEngine, SamplingParams
+from dapo.rollout import HFEngine, RolloutEngine, SamplingParams, make_engine
 from dapo.scorer import RewardScorer
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ def evaluate_config(config: "DAPOConfig") -> dict[str, float]:
     tokenizer = load_tokenizer(c.model)
     model = load_model(c.model, c.dtype, pick_device(c.device))
     records = task.eval[: c.max_eval_prompts or None]
-    engine = HFEngine(model, tokenizer.pad_token_id, c.shared_prompt)
+    engine = make_engine(c, model, tokenizer.pad_token_id)  # --rollout-engine vllm evaluates with vLLM
     stop_ids = stop_token_ids(model, tokenizer)
     with oom_guard("evaluation", c), RewardScorer([], task.accuracy, accuracy_name=task.accuracy_name,
                                                   timeout=c.reward_timeout, on_error=c.reward_errors) as scorer:

@@ -67,6 +67,21 @@ class HFEngine:
         self.model = model
 
 
+def make_engine(config: Any, model: torch.nn.Module, pad_id: int) -> RolloutEngine:
+    """The engine `config.rollout_engine` names, sampling from `model`'s current weights."""
+    if config.rollout_engine == "vllm":
+        from dapo.models import resolve_model_path
+        from dapo.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(resolve_model_path(config.model), dtype=config.dtype, seed=config.seed,
+                            max_model_len=config.max_prompt_len + config.max_new_tokens,
+                            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                            kv_cache_gb=config.vllm_kv_cache_gb)
+        engine.sync_weights(model)  # a model passed in, or one resumed, is not the directory's weights
+        return engine
+    return HFEngine(model, pad_id, config.shared_prompt)
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row from logits [N, V] with temperature and nucleus (top-p) filtering.

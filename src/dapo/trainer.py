@@ -52,7 +52,7 @@ from dapo.models import load_model, load_tokenizer, pick_device, stop_token_ids
 from dapo.progress import NullProgress, Progress, make_progress
 from dapo.resume import capture_rng, check_resumable, restore_rng, truncate_jsonl
 from dapo.rewards import RewardFunction
-from dapo.rollout import HFEngine, RolloutEngine
+from dapo.rollout import RolloutEngine, make_engine
 from dapo.rundir import acquire_run_lock, claim_run_dir, prepare_run_dir
 from dapo.scorer import RewardScorer
 from dapo.tasks import Task, build_task, reward_functions, use_reward_fns
@@ -115,8 +115,8 @@ class Trainer:
         self.gen_model = self.model
         if self.world > 1:
             self.gen_model = copy.deepcopy(self.model).requires_grad_(False)
-        self.engine = engine if engine is not None else HFEngine(self.gen_model, self.tokenizer.pad_token_id,
-                                                                 c.shared_prompt)
+        self.engine = engine if engine is not None else make_engine(c, self.gen_model, self.tokenizer.pad_token_id)
+        self._owns_engine = engine is None
         self.actor = Actor(self.model, c, self.tokenizer.pad_token_id, ref_model, warn=self._warn)
         self.scorer = RewardScorer(self.reward_fns, self.task.accuracy, accuracy_name=self.task.accuracy_name,
                                    timeout=c.reward_timeout, on_error=c.reward_errors)
@@ -272,7 +272,7 @@ class Trainer:
             try:
                 yield None, None, self.progress
             finally:
-                self.scorer.close()
+                self._close_parts()
             return
         check_run_dir(self.run_dir, estimate_checkpoint_bytes(self.model))
         prepare_run_dir(self.run_dir, c, resuming=self.resumed_from is not None)  # refuses another run's directory
@@ -284,8 +284,14 @@ class Trainer:
         finally:
             self.progress.close()
             trackers.close()
-            self.scorer.close()
+            self._close_parts()
             self.progress = self.collector.progress = NullProgress()
+
+    def _close_parts(self) -> None:
+        """Reward workers end; an engine built here (vLLM holds its KV cache) is closed."""
+        self.scorer.close()
+        if self._owns_engine and hasattr(self.engine, "close"):
+            self.engine.close()
 
     def _warn(self, text: str) -> None:
         self.progress.warning(text)
