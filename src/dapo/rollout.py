@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -33,6 +33,27 @@ class Group:
     @property
     def lengths(self) -> torch.Tensor:
         return torch.tensor([len(r) for r in self.response_ids])
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class Samples:
+    """The n responses to one prompt."""
+    response_ids: list[list[int]]            # each ends with its stop token unless truncated
+    truncated: list[bool]                    # True when max_new_tokens was reached without a stop token
+    logprobs: list[list[float]] | None = None  # the sampler's log-prob of each response token under the distribution it sampled from (after temperature and top-p); None if unavailable
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Samples]: ...
+    def sync_weights(self, model: torch.nn.Module) -> None: ...
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
