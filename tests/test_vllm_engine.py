@@ -23,11 +23,30 @@ DIGIT = "What number between 0 and 9 am I thinking of right now? You MUST ONLY a
 STORY = "Write a short story about a lighthouse keeper."
 
 
+BEFORE_ENGINE: dict = {}
+
+
 @pytest.fixture(scope="module")
 def engine():
+    torch.manual_seed(7)
+    BEFORE_ENGINE.update(rng=torch.get_rng_state(), threads=torch.get_num_threads(), set=torch.set_num_threads)
     eng = VLLMEngine(str(default_model_dir()), seed=1234, max_model_len=512, kv_cache_gb=1.0)
+    BEFORE_ENGINE.update(rng_after=torch.get_rng_state(), threads_after=torch.get_num_threads())
     yield eng
     eng.close()
+
+
+def test_engine_leaves_the_trainers_threads_and_rng(engine):
+    """vLLM's CPU worker replaces torch.set_num_threads with a no-op and reseeds torch; both undone."""
+    assert torch.equal(BEFORE_ENGINE["rng_after"], BEFORE_ENGINE["rng"])
+    assert BEFORE_ENGINE["threads_after"] == BEFORE_ENGINE["threads"]
+    assert torch.set_num_threads is BEFORE_ENGINE["set"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +167,13 @@ def test_greedy_matches_hf_and_has_no_logprobs(engine, hf, prompts, stops):
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                           eos_token_id=list(stops), pad_token_id=2)[0, len(prompts[1]):].tolist()
     assert s.response_ids[0] == ref
+
+
+def test_many_prompts_in_one_round(engine, prompts, stops):
+    """More prompt tokens than one engine step takes (8 x 16 copies of ~30-token prompts): vLLM 0.32
+    on CPU used to crash on seeded requests whose prefill was split across steps."""
+    out = engine.generate(prompts * 4, 16, SamplingParams(max_new_tokens=2, stop_token_ids=stops))
+    assert [len(s.response_ids) for s in out] == [16] * 8
 
 
 def test_prompt_longer_than_max_model_len_is_a_clear_error(engine):

