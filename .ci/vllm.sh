@@ -36,6 +36,6 @@ fi
 
 # The tests size the engine's KV cache themselves (1 GiB); VLLM_CPU_KVCACHE_SPACE would override it.
 unset VLLM_CPU_KVCACHE_SPACE
-"$VENV/bin/python" -m pytest tests/test_vllm_engine.py tests/test_vllm_missing.py -v -p no:cacheprovider \
+"$VENV/bin/python" -m pytest tests/test_vllm_engine.py tests/test_vllm_training.py tests/test_vllm_missing.py -v -p no:cacheprovider \
     -W ignore::DeprecationWarning -W ignore::FutureWarning "$@"
 echo "vllm tests: $(( $(date +%s) - start )) s in all"

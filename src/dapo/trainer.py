@@ -317,8 +317,9 @@ class Trainer:
         if self.world > 1:  # the optimizer's shards go to dcp/ (save_sharded_checkpoint)
             actor["optimizer"] = f"sharded: {SHARDED_DIR}/"
         collector = self.collector.state_dict()
+        # An engine that seeds its requests by call count (vLLM) resumes with the same count.
         return {"version": 2, "step": self.step, "rng": capture_rng(), "world_size": self.world, **actor,
-                **collector}
+                **collector, "engine_calls": int(getattr(self.engine, "calls", 0))}
 
     def restore(self, checkpoint: Path) -> None:
         """Load weights and trainer state from `checkpoint`, so that `fit` continues the run
@@ -355,6 +356,8 @@ class Trainer:
         self._sync_engine()
         self.collector.load_state_dict(state)
         self.step = state["step"]
+        if hasattr(self.engine, "calls"):
+            self.engine.calls = int(state.get("engine_calls", 0))
         self._restore_rng(checkpoint, state, saved_world)
         if self.rank == 0:
             remove_stale_tmp(self.run_dir)
