@@ -10,15 +10,29 @@ path, kept for comparison and as a reference in tests.
 
 Only positions that predict a response token go through the LM head, which on a small-vocab
 model such as SmolLM2 (49k x 576 head) is a large share of the FLOPs.
+
+Long responses (issue 14) need three more things, all here:
+- `chunked_logprobs`: the LM head, log-softmax and entropy over `chunk_size` positions at a time,
+  recomputed chunk by chunk in backward, so [N, V] logits never exist for more than a chunk.
+- The "rows" layout (`pack(..., layout="rows")`): one row per response, [prompt, response, pad...],
+  and no mask tensor at all, so the model takes SDPA's causal kernel (`is_causal=True`). Right
+  padding is exact for the valid positions: a causal query only looks left, and padding sits on
+  the right. `choose_layout` picks "shared" or "rows" per group from a cost model.
+- `set_gradient_checkpointing`: recompute each decoder layer in backward (activations stored per
+  layer input only).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from dapo.rollout import Group
+
+Layout = Literal["auto", "shared", "rows"]
 
 
 @dataclass
@@ -37,7 +51,8 @@ class Segment:
 
 def plan_micro_batches(groups: list[Group], max_tokens: int, shared_prompt: bool = True,
                        group_ids: list[int] | None = None,
-                       skip: set[tuple[int, int]] = frozenset()) -> list[list[Segment]]:
+                       skip: set[tuple[int, int]] = frozenset(),
+                       layout: Layout | None = None) -> list[list[Segment]]:
     """Split groups into segments and segments into micro-batches of at most `max_tokens`
     tokens (rows x longest row, i.e. padding included).
 
@@ -45,31 +60,45 @@ def plan_micro_batches(groups: list[Group], max_tokens: int, shared_prompt: bool
     copy; a single response that does not fit is still given a row of its own (the budget is
     then exceeded by that one row rather than the response being dropped). Responses listed in
     `skip` as (group, response) are left out (overlong filtering: they carry no loss).
+
+    `layout` ("auto", "shared" or "rows"; None: "shared") decides per group whether its
+    responses share a prompt copy ("shared") or each get their own row ("rows"); "auto" asks
+    `choose_layout` with the group's prompt and response lengths. `shared_prompt=False` forces
+    "rows" (the plain per-response path). A micro-batch never mixes multi-response segments
+    with single-response ones, so `pack(mb)` can give every all-single micro-batch the causal
+    kernel and no mask.
     """
     group_ids = list(range(len(groups))) if group_ids is None else group_ids
+    layout = layout or "shared"
     segments: list[Segment] = []
     for gi in group_ids:
         g = groups[gi]
+        kept = [(ri, resp) for ri, resp in enumerate(g.response_ids) if resp and (gi, ri) not in skip]
+        share = shared_prompt and layout != "rows"
+        if share and layout == "auto":
+            share = choose_layout(len(g.prompt_ids), [len(r) for _, r in kept]) == "shared"
         current: Segment | None = None
-        for ri, resp in enumerate(g.response_ids):
-            if not resp or (gi, ri) in skip:
-                continue
+        for ri, resp in kept:
             fits = current is not None and current.num_tokens + len(resp) <= max_tokens
-            if shared_prompt and fits:
+            if share and fits:
                 current.responses.append(ri)
                 current.response_ids.append(resp)
             else:
                 current = Segment(gi, g.prompt_ids, [ri], [resp])
                 segments.append(current)
     # Longest first, then greedy fill: rows of similar length share a micro-batch, so padding
-    # stays small.
+    # stays small. Multi-response (masked) and single-response (causal) segments stay apart.
     segments.sort(key=lambda s: -s.num_tokens)
     batches: list[list[Segment]] = []
+    open_batch: dict[bool, list[Segment]] = {}
     for seg in segments:
-        if batches and (len(batches[-1]) + 1) * batches[-1][0].num_tokens <= max_tokens:
-            batches[-1].append(seg)
+        kind = len(seg.responses) > 1
+        mb = open_batch.get(kind)
+        if mb is not None and (len(mb) + 1) * mb[0].num_tokens <= max_tokens:
+            mb.append(seg)
         else:
-            batches.append([seg])
+            open_batch[kind] = [seg]
+            batches.append(open_batch[kind])
     return batches
 
 
@@ -77,13 +106,26 @@ def plan_micro_batches(groups: list[Group], max_tokens: int, shared_prompt: bool
 class PackedRows:
     input_ids: torch.Tensor        # [R, T]
     position_ids: torch.Tensor     # [R, T]
-    attention_mask: torch.Tensor   # [R, 1, T, T] bool, True = may attend
+    attention_mask: torch.Tensor | None  # [R, 1, T, T] bool, True = may attend; None: causal (rows layout)
     predict_at: torch.Tensor       # [N] flat index (row * T + col) of the hidden state that predicts each target
     targets: torch.Tensor          # [N] response token ids
     owner: list[tuple[int, int, int]]  # per response: (group, response index, number of its tokens)
 
 
-def pack(segments: list[Segment], pad_id: int) -> PackedRows:
+def pack(segments: list[Segment], pad_id: int, layout: Literal["shared", "rows"] | None = None) -> PackedRows:
+    """Pack segments into rows. "shared": a 4D bool mask lets every response see its prompt and
+    itself only. "rows": every segment must hold one response; rows are [prompt, response],
+    right padded, with plain positions 0..T-1 and no mask (the causal kernel). None: "rows" when
+    every segment holds one response, else "shared". Both give the same `predict_at`, `targets`
+    and `owner`, so `split_by_response` works on either."""
+    single = all(len(s.responses) == 1 for s in segments)
+    if layout is None:
+        layout = "rows" if single else "shared"
+    if layout == "rows":
+        if not single:
+            raise ValueError("the rows layout needs one response per segment "
+                             "(plan_micro_batches(..., layout='rows'))")
+        return _pack_rows(segments, pad_id)
     width = max(s.num_tokens for s in segments)
     rows = len(segments)
     ids = torch.full((rows, width), pad_id, dtype=torch.long)
@@ -119,28 +161,250 @@ def pack(segments: list[Segment], pad_id: int) -> PackedRows:
     return PackedRows(ids, pos, allow[:, None], torch.tensor(predict_at), torch.tensor(targets), owner)
 
 
+def _pack_rows(segments: list[Segment], pad_id: int) -> PackedRows:
+    width = max(s.num_tokens for s in segments)
+    rows = len(segments)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    predict_at: list[int] = []
+    targets: list[int] = []
+    owner: list[tuple[int, int, int]] = []
+    for r, seg in enumerate(segments):
+        p, resp = len(seg.prompt_ids), seg.response_ids[0]
+        n = len(resp)
+        ids[r, :p] = torch.tensor(seg.prompt_ids)
+        ids[r, p:p + n] = torch.tensor(resp)
+        predict_at.extend(range(r * width + p - 1, r * width + p + n - 1))
+        targets.extend(resp)
+        owner.append((seg.group, seg.responses[0], n))
+    # Plain 0..T-1 positions in every row (padding included): transformers reads positions that
+    # do not increase by one as packed sequences and would build a mask again.
+    pos = torch.arange(width).expand(rows, width).contiguous()
+    return PackedRows(ids, pos, None, torch.tensor(predict_at), torch.tensor(targets), owner)
+
+
+def pack_rows(segments: list[Segment], pad_id: int) -> PackedRows:
+    """`pack(segments, pad_id, layout="rows")`."""
+    return pack(segments, pad_id, layout="rows")
+
+
+# --- choosing the layout ------------------------------------------------------------------
+# Cost model of one forward+backward, in "token units" (the cost of one token through the
+# decoder's matmuls), fitted on the default model (SmolLM2-135M, fp32, 2-core CPU; see
+# benchmarks/README.md, "Long responses"):
+#   shared: (P + sum L) tokens, and masked attention over the whole row: CPU SDPA with a mask
+#           materialises a float copy of it and computes every (query, key) pair of the row,
+#           (P + sum L)^2 pairs;
+#   rows:   G * (P + max L) tokens (padding is computed too), causal attention skips the upper
+#           triangle: G * (P + max L)^2 / 2 pairs.
+# A pair costs 1 / _PAIRS_PER_TOKEN of a token; masked pairs cost _MASK_FACTOR times a causal
+# pair (the float mask copy and its reads).
+_PAIRS_PER_TOKEN = 2000.0
+_MASK_FACTOR = 2.0
+
+
+def layout_costs(prompt_len: int, response_lens: list[int]) -> dict[str, float]:
+    """Modelled forward+backward cost of one group in each layout (token units; see above)."""
+    if not response_lens:
+        return {"shared": 0.0, "rows": 0.0}
+    shared_t = prompt_len + sum(response_lens)
+    rows_w = prompt_len + max(response_lens)
+    shared = shared_t + _MASK_FACTOR * shared_t ** 2 / _PAIRS_PER_TOKEN
+    rows = len(response_lens) * (rows_w + rows_w ** 2 / 2 / _PAIRS_PER_TOKEN)
+    return {"shared": shared, "rows": rows}
+
+
+def choose_layout(prompt_len: int, response_lens: list[int]) -> Literal["shared", "rows"]:
+    """"shared" (one prompt copy, 4D mask) or "rows" (one causal row per response) for a group,
+    whichever `layout_costs` models cheaper; ties go to "shared" (today's path, exact and the
+    default for short answers). In words: sharing saves (G - 1) prompt copies but pays for a
+    masked, non-causal attention over the whole group row, which grows with (P + sum L)^2; it
+    wins while the prompt is long against the responses (the digit task: P 54, G 32, L <= 4),
+    and rows win once the responses are long (P 64, 4 responses of 256+ tokens)."""
+    costs = layout_costs(prompt_len, response_lens)
+    return "rows" if costs["rows"] < costs["shared"] else "shared"
+
+
+# --- the LM head, chunked -------------------------------------------------------------------
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 inputs (exactness tests)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  temperature: float) -> torch.Tensor:
+    logits = torch.nn.functional.linear(hidden, weight, bias).to(_acc_dtype(hidden))
+    if temperature != 1.0:
+        logits.div_(temperature)  # called with autograd off: in place, one [chunk, V] buffer
+    return logits
+
+
+class _ChunkedLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, with_entropy):
+        n, acc = hidden.shape[0], _acc_dtype(hidden)
+        logp = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        entropy = torch.empty(n, dtype=acc, device=hidden.device) if with_entropy else None
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            logits = _chunk_logits(hidden[s:e], weight, bias, temperature)
+            lse[s:e] = torch.logsumexp(logits, dim=-1)
+            logp[s:e] = logits.gather(-1, targets[s:e, None])[:, 0] - lse[s:e]
+            if with_entropy:  # H = lse - sum_v p_v z_v, with p and z in one [chunk, V] buffer each
+                p = (logits - lse[s:e, None]).exp_()
+                entropy[s:e] = lse[s:e] - torch.bmm(p[:, None, :], logits[:, :, None])[:, 0, 0]
+                del p
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc = _acc_dtype(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b and bias is not None else None
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        n = hidden.shape[0]
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            g = grad_logp[s:e].to(acc)
+            # d logp_t / d z = onehot(target) - softmax(z); z = logits / temperature. In place on
+            # the recomputed logits: one [chunk, V] buffer.
+            d = _chunk_logits(hidden[s:e], weight, bias, temperature)
+            d.sub_(lse[s:e, None]).exp_().mul_(-g[:, None])
+            d.scatter_add_(-1, targets[s:e, None], g[:, None])
+            if temperature != 1.0:
+                d.div_(temperature)
+            if need_h:
+                grad_h[s:e] = d.to(weight.dtype) @ weight
+            if need_w:
+                grad_w.addmm_(d.t(), hidden[s:e].to(acc))
+            if grad_b is not None:
+                grad_b += d.sum(0)
+            del d
+        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
+                grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None)
+
+
+def chunked_logprobs(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+    head_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax((hidden @ head_weight.T + head_bias) / temperature)[targets] for [N, H] hidden
+    states and [V, H] head, in float32 (float64 for float64 inputs), `chunk_size` rows at a time.
+
+    Returns (logp [N], differentiable wrt hidden, head_weight and head_bias; entropy [N] of the
+    same tempered distribution, or None, never differentiable). Forward keeps only the [N]
+    log-sum-exp; backward recomputes each chunk's logits, so at most [chunk_size, V] logits
+    (one buffer, plus the softmax for the entropy in forward) exist at once in either pass.
+    Equal to the dense `log_softmax(head(hidden).float() / T).gather(targets)` up to
+    floating-point summation order."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    targets = targets.to(device=hidden.device, dtype=torch.long)
+    return _ChunkedLogProbs.apply(hidden, head_weight, head_bias, targets, float(temperature), int(chunk_size),
+                                  bool(with_entropy))
+
+
+def _plain_linear_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The LM head if the logits are exactly head(hidden) (no soft-capping or logit scale)."""
+    head = model.get_output_embeddings()
+    cfg = getattr(model, "config", None)
+    odd = any(getattr(cfg, name, None) not in (None, 1.0) for name in ("final_logit_softcapping", "logit_scale"))
+    return head if isinstance(head, torch.nn.Linear) and not odd else None
+
+
+# --- gradient checkpointing -------------------------------------------------------------------
+# Without checkpointing, the default model keeps about 1.5-2.5 MB of activations per token of a
+# micro-batch for the backward pass (30 layers); with it, each layer keeps its input only (576
+# floats, 69 KB per token for all layers) and is recomputed in backward: about one more forward,
+# i.e. ~+30% time of a forward+backward. "auto" switches it on for a micro-batch of more than
+# CHECKPOINT_AUTO_TOKENS padded tokens: below that the activations fit in ~2.5 GB and the time
+# is better spent, above it memory grows without bound in the response length.
+CHECKPOINT_AUTO_TOKENS = 1024
+
+
+def set_gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Switch activation checkpointing of the Hugging Face model's decoder layers on or off
+    (non-reentrant torch.utils.checkpoint).
+
+    The first call to switch it on goes through transformers' own
+    `activation_checkpointing_enable` (`gradient_checkpointing_enable` before 5.x) with
+    `use_reentrant=False`; after that, on/off only flips each layer's `gradient_checkpointing`
+    flag, so it is cheap enough to change per micro-batch. Checkpointing acts only in train mode
+    with gradients enabled: generation (eval mode, no_grad, KV cache) and no-grad log-prob passes
+    run the layers unchanged either way."""
+    if on and not getattr(model, "_dapo_checkpointing_ready", False):
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model._dapo_checkpointing_ready = True
+    for module in model.modules():
+        if isinstance(getattr(module, "gradient_checkpointing", None), bool):
+            module.gradient_checkpointing = bool(on)
+
+
+def gradient_checkpointing_is_on(model: torch.nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def wants_checkpointing(mode: Literal["auto", "on", "off"] | bool, packed: PackedRows,
+                        threshold: int = CHECKPOINT_AUTO_TOKENS) -> bool:
+    """Whether a micro-batch should run with checkpointing: "on"/True, "off"/False, or "auto":
+    more than `threshold` padded tokens."""
+    if isinstance(mode, bool):
+        return mode
+    if mode == "auto":
+        return packed.input_ids.numel() > threshold
+    return mode == "on"
+
+
 def token_logprobs(
     model: torch.nn.Module,
     packed: PackedRows,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    chunk_size: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(y_t | x, y_<t) for every target token, with logits divided by `temperature`
-    exactly as in sampling. Returns flat [N] log-probs (and entropies if asked, no grad)."""
+    exactly as in sampling. Returns flat [N] log-probs (and entropies if asked, no grad).
+
+    Either layout: a 4D mask, or `attention_mask=None` (rows layout: the causal kernel). The LM
+    head runs `chunk_size` positions at a time (`chunked_logprobs`); 0 gives the dense head."""
     device = next(model.parameters()).device
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    decoder = model.get_decoder()
+    mask = packed.attention_mask
     hidden = decoder(
         input_ids=packed.input_ids.to(device),
-        attention_mask=packed.attention_mask.to(device),
+        attention_mask=mask.to(device) if mask is not None else None,
         position_ids=packed.position_ids.to(device),
         use_cache=False,
     ).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])[packed.predict_at.to(device)]
-    logits = head(hidden).float()
+    targets = packed.targets.to(device)
+    head = _plain_linear_head(model) if chunk_size else None
+    if head is not None:
+        return chunked_logprobs(hidden, head.weight, targets, temperature, chunk_size, with_entropy, head.bias)
+    logits = model.get_output_embeddings()(hidden).float()
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, packed.targets.to(device)[:, None]).squeeze(-1)
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
     entropy = None
     if with_entropy:
         with torch.no_grad():
