@@ -400,7 +400,7 @@ def token_logprobs(
     head = _plain_linear_head(model) if chunk_size else None
     if head is not None:
         return chunked_logprobs(hidden, head.weight, targets, temperature, chunk_size, with_entropy, head.bias)
-    logits = model.get_output_embeddings()(hidden).float()
+    logits = model.get_output_embeddings()(hidden).to(_acc_dtype(hidden))
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
