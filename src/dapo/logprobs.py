@@ -188,38 +188,46 @@ def pack_rows(segments: list[Segment], pad_id: int) -> PackedRows:
 
 
 # --- choosing the layout ------------------------------------------------------------------
-# Cost model of one forward+backward, in "token units" (the cost of one token through the
-# decoder's matmuls), fitted on the default model (SmolLM2-135M, fp32, 2-core CPU; see
-# benchmarks/README.md, "Long responses"):
-#   shared: (P + sum L) tokens, and masked attention over the whole row: CPU SDPA with a mask
-#           materialises a float copy of it and computes every (query, key) pair of the row,
-#           (P + sum L)^2 pairs;
-#   rows:   G * (P + max L) tokens (padding is computed too), causal attention skips the upper
-#           triangle: G * (P + max L)^2 / 2 pairs.
-# A pair costs 1 / _PAIRS_PER_TOKEN of a token; masked pairs cost _MASK_FACTOR times a causal
-# pair (the float mask copy and its reads).
-_PAIRS_PER_TOKEN = 2000.0
-_MASK_FACTOR = 2.0
+# Cost model of one group's forward(+backward), in "token units" (the cost of one token through
+# the decoder's matmuls):
+#   shared: T = P + sum L tokens, plus attention over the whole row under the 4D mask: the CPU
+#           flash kernel cannot skip masked blocks and reads a float copy of the mask, so it
+#           costs _MASK_FACTOR x the causal cost of a T-token row (T^2 / 2 pairs);
+#   rows:   G rows of W = P + max L tokens (padding is computed too), each causal: W^2 / 2 pairs.
+#   One token = _PAIRS_PER_TOKEN causal (query, key) pairs.
+# Fitted on the default model (SmolLM2-135M, fp32, 1 thread, CPU time of the decoder forward,
+# 2026-11-25): P 64, G 4, L 1024: shared 32.4 s, rows 16.0 s (2.03x; model 1.97x); L 256:
+# 4.14 s vs 3.66 s (1.13x; model 1.14x). Crossover at P 64, G 4: L ~ 180 (T ~ 800 tokens).
+# FLOP count alone gives ~3000 pairs per token; the attention kernels run ~2.5x below the
+# matmul rate, hence 1200.
+_PAIRS_PER_TOKEN = 1200.0
+_MASK_FACTOR = 1.15
 
 
 def layout_costs(prompt_len: int, response_lens: list[int]) -> dict[str, float]:
     """Modelled forward+backward cost of one group in each layout (token units; see above)."""
     if not response_lens:
         return {"shared": 0.0, "rows": 0.0}
-    shared_t = prompt_len + sum(response_lens)
-    rows_w = prompt_len + max(response_lens)
-    shared = shared_t + _MASK_FACTOR * shared_t ** 2 / _PAIRS_PER_TOKEN
-    rows = len(response_lens) * (rows_w + rows_w ** 2 / 2 / _PAIRS_PER_TOKEN)
+    t = prompt_len + sum(response_lens)
+    w = prompt_len + max(response_lens)
+    shared = t + _MASK_FACTOR * t * t / 2 / _PAIRS_PER_TOKEN
+    rows = len(response_lens) * (w + w * w / 2 / _PAIRS_PER_TOKEN)
     return {"shared": shared, "rows": rows}
 
 
 def choose_layout(prompt_len: int, response_lens: list[int]) -> Literal["shared", "rows"]:
     """"shared" (one prompt copy, 4D mask) or "rows" (one causal row per response) for a group,
-    whichever `layout_costs` models cheaper; ties go to "shared" (today's path, exact and the
-    default for short answers). In words: sharing saves (G - 1) prompt copies but pays for a
-    masked, non-causal attention over the whole group row, which grows with (P + sum L)^2; it
-    wins while the prompt is long against the responses (the digit task: P 54, G 32, L <= 4),
-    and rows win once the responses are long (P 64, 4 responses of 256+ tokens)."""
+    whichever `layout_costs` models cheaper; ties go to "shared" (exact, today's default).
+
+    The rule, with T = P + sum L and W = P + max L (token units, 1200 causal attention pairs
+    per token, measured on SmolLM2-135M):
+        rows  iff  G * (W + W^2 / 2400)  <  T + 1.15 * T^2 / 2400.
+    Sharing saves (G - 1) prompt copies and the padding of shorter responses, but its masked
+    attention grows with the square of the whole group row; rows pay the prompt G times but
+    attend within each response only. So: shared for long prompts and short answers (the digit
+    task: P 54, G 32, L 4, modelled 9.6x cheaper; P 1024, G 16, L 32: 9.1x), rows once the
+    responses are long (P 64, G 4, L 1024: rows 2.0x faster, measured), crossing at about
+    T = 800 tokens for P 64, G 4. A single response always takes "rows" (same tokens, no mask)."""
     costs = layout_costs(prompt_len, response_lens)
     return "rows" if costs["rows"] < costs["shared"] else "shared"
 
@@ -328,13 +336,15 @@ def _plain_linear_head(model: torch.nn.Module) -> torch.nn.Linear | None:
 
 
 # --- gradient checkpointing -------------------------------------------------------------------
-# Without checkpointing, the default model keeps about 1.5-2.5 MB of activations per token of a
-# micro-batch for the backward pass (30 layers); with it, each layer keeps its input only (576
-# floats, 69 KB per token for all layers) and is recomputed in backward: about one more forward,
-# i.e. ~+30% time of a forward+backward. "auto" switches it on for a micro-batch of more than
-# CHECKPOINT_AUTO_TOKENS padded tokens: below that the activations fit in ~2.5 GB and the time
-# is better spent, above it memory grows without bound in the response length.
-CHECKPOINT_AUTO_TOKENS = 1024
+# Without checkpointing the default model keeps its activations for backward: ~0.7-1 MB per
+# token of a micro-batch (30 layers; benchmarks/README.md), plus, in the shared layout, a float
+# copy of the [T, T] mask per layer (4 T^2 bytes each: 8 GB at T = 8k). With it, each layer keeps
+# its input only (576 floats, 69 KB per token for all 30 layers) and is recomputed in backward:
+# one more decoder forward, ~+30% time. The token budget `max_tokens_per_micro_batch` already
+# bounds activations for anything that can be split, so "auto" leaves today's workloads alone
+# and switches checkpointing on only for a micro-batch over the budget: a response (plus its
+# prompt) too long to fit, which is exactly where memory otherwise grows without bound.
+CHECKPOINT_AUTO_TOKENS = 4096  # the default max_tokens_per_micro_batch
 
 
 def set_gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:
@@ -366,7 +376,7 @@ def gradient_checkpointing_is_on(model: torch.nn.Module) -> bool:
 def wants_checkpointing(mode: Literal["auto", "on", "off"] | bool, packed: PackedRows,
                         threshold: int = CHECKPOINT_AUTO_TOKENS) -> bool:
     """Whether a micro-batch should run with checkpointing: "on"/True, "off"/False, or "auto":
-    more than `threshold` padded tokens."""
+    more than `threshold` padded tokens (pass the run's max_tokens_per_micro_batch)."""
     if isinstance(mode, bool):
         return mode
     if mode == "auto":

@@ -36,7 +36,8 @@ from dapo.config import DAPOConfig
 from dapo.data import PromptSampler, Record, encode_prompt
 from dapo.errors import DapoError, DynamicSamplingExhausted, ResumeError, TrainingDiverged, TrainingInterrupted
 from dapo.evaluate import evaluate
-from dapo.logprobs import pack, pad_stack, plan_micro_batches, split_by_response, token_logprobs
+from dapo.logprobs import (pack, pad_stack, plan_micro_batches, set_gradient_checkpointing, split_by_response,
+                           token_logprobs, wants_checkpointing)
 from dapo.loss import policy_loss
 from dapo.metrics import MetricsLogger, sample_rows
 from dapo.models import load_model, load_tokenizer, pick_device, stop_token_ids
@@ -232,7 +233,7 @@ class Run:
         c = self.config
         return [pack(mb, self.pad_id) for mb in
                 plan_micro_batches(groups, c.max_tokens_per_micro_batch, c.shared_prompt, group_ids,
-                                   skip=self._filtered(groups))]
+                                   skip=self._filtered(groups), layout=c.attention_layout)]
 
     def _filtered(self, groups: list[Group]) -> set[tuple[int, int]]:
         """Responses masked out of the loss by overlong filtering."""
@@ -275,6 +276,8 @@ class Run:
                 num_tokens = sum(len(groups[gi].response_ids[ri]) for gi, ri in kept)
                 objective, entropy_sum, metric_sums = 0.0, 0.0, {}
                 for packed in plans[mbi]:
+                    set_gradient_checkpointing(self.model, wants_checkpointing(
+                        c.gradient_checkpointing, packed, c.max_tokens_per_micro_batch))
                     lp, ent = token_logprobs(self.model, packed, c.temperature, with_entropy=epoch == 0)
                     per_resp = split_by_response(lp, packed.owner)
                     if first:
