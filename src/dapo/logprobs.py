@@ -373,6 +373,27 @@ def gradient_checkpointing_is_on(model: torch.nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
+def release_freed_memory_eagerly(threshold_bytes: int = 1 << 20) -> bool:
+    """Have glibc serve every allocation of `threshold_bytes` or more with its own mmap, returned
+    to the OS when freed (mallopt M_MMAP_THRESHOLD; this also turns off glibc's dynamic
+    threshold, which otherwise rises to 32 MB after the first large free).
+
+    Why: a long-sequence forward+backward frees and re-allocates thousands of 1-32 MB tensors;
+    from glibc's heap these fragment it and the process's RSS keeps the high-water mark.
+    Measured (rows layout, checkpointing, T = 2k): peak RSS 2.60 GB -> 1.51 GB. Linux/glibc
+    only; returns False (and does nothing) elsewhere. Process-wide; call once at start-up."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold_bytes)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def wants_checkpointing(mode: Literal["auto", "on", "off"] | bool, packed: PackedRows,
                         threshold: int = CHECKPOINT_AUTO_TOKENS) -> bool:
     """Whether a micro-batch should run with checkpointing: "on"/True, "off"/False, or "auto":
