@@ -226,3 +226,22 @@ def test_wants_checkpointing():
     assert wants_checkpointing(True, short) and not wants_checkpointing(False, long)
     assert not wants_checkpointing("auto", long, threshold=1 << 20)
     assert CHECKPOINT_AUTO_TOKENS >= 1024
+
+
+def test_eager_attention_gets_an_additive_mask(tiny64):
+    """transformers' eager attention adds a 4D mask to the scores; a bool mask would add 1/0."""
+    groups = groups_for_test()
+    ref_lp, _ = plain_run(tiny64, groups, 1.0)
+    tiny64.config._attn_implementation = "eager"
+    lp, _ = packed_run(tiny64, groups, 1.0, "shared", 4096)
+    for k in ref_lp:
+        torch.testing.assert_close(lp[k], ref_lp[k], rtol=1e-7, atol=1e-7)
+
+
+def test_release_freed_memory_eagerly_is_harmless():
+    import sys
+
+    from dapo.logprobs import release_freed_memory_eagerly
+
+    assert release_freed_memory_eagerly(1 << 20) == sys.platform.startswith("linux")
+    torch.ones(1 << 20).sum()  # large allocations still work

@@ -420,6 +420,10 @@ def token_logprobs(
     device = next(model.parameters()).device
     decoder = model.get_decoder()
     mask = packed.attention_mask
+    if mask is not None and getattr(model.config, "_attn_implementation", "sdpa") == "eager":
+        # eager attention adds the 4D mask to the scores: it needs 0 / -inf, not True / False
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
     hidden = decoder(
         input_ids=packed.input_ids.to(device),
         attention_mask=mask.to(device) if mask is not None else None,
