@@ -6,7 +6,7 @@ every response token see the prompt and the earlier tokens of its own response o
 position ids restart at P for every response, so each response is computed exactly as if it
 followed its own copy of the prompt, while the prompt is computed (and back-propagated) once.
 With `shared_prompt=False` every response gets its own row with its own prompt copy: the plain
-path, kept for comparison and as a reference in tests.
+path (the "rows" layout below).
 
 Only positions that predict a response token go through the LM head, which on a small-vocab
 model such as SmolLM2 (49k x 576 head) is a large share of the FLOPs.
@@ -19,12 +19,15 @@ Long responses (issue 14) need three more things, all here:
   padding is exact for the valid positions: a causal query only looks left, and padding sits on
   the right. `choose_layout` picks "shared" or "rows" per group from a cost model.
 - `set_gradient_checkpointing`: recompute each decoder layer in backward (activations stored per
-  layer input only).
+  layer input only); `wants_checkpointing` is the per-micro-batch rule.
+- `release_freed_memory_eagerly`: on Linux/glibc, large freed tensors go back to the OS instead
+  of fragmenting the heap (peak RSS at long sequences drops by ~40%).
+With all of them, one forward+backward over 4 responses of 2k tokens peaks at 4.7 GB (rows,
+checkpointing) on SmolLM2-135M, where the shared mask with a dense head needs > 10 GB at 4k.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
