@@ -22,8 +22,9 @@ Long responses (issue 14) need three more things, all here:
   layer input only); `wants_checkpointing` is the per-micro-batch rule.
 - `release_freed_memory_eagerly`: on Linux/glibc, large freed tensors go back to the OS instead
   of fragmenting the heap (peak RSS at long sequences drops by ~40%).
-With all of them, one forward+backward over 4 responses of 2k tokens peaks at 4.7 GB (rows,
-checkpointing) on SmolLM2-135M, where the shared mask with a dense head needs > 10 GB at 4k.
+Measured on SmolLM2-135M (benchmarks/README.md, section 4): one forward+backward over 4
+responses of 2k tokens peaks at 4.7 GB (rows, checkpointing), 2.0 GB with the mmap threshold,
+where the shared mask with a dense head needed 6.3 GB for 4 x 512 tokens.
 """
 
 from __future__ import annotations
