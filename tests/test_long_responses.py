@@ -245,3 +245,23 @@ def test_release_freed_memory_eagerly_is_harmless():
 
     assert release_freed_memory_eagerly(1 << 20) == sys.platform.startswith("linux")
     torch.ones(1 << 20).sum()  # large allocations still work
+
+
+def test_rows_layout_reaches_sdpa_as_is_causal_without_a_mask(monkeypatch):
+    """transformers 5.x: no mask + plain 0..T-1 positions -> SDPA's causal kernel, no mask tensor."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        mask = kwargs.get("attn_mask")
+        seen.append((kwargs.get("is_causal"), None if mask is None else tuple(mask.shape)))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = tiny_model(5000).train()
+    g = Group({}, [5] * 7, [[6] * 3, [7] * 9], [False] * 2)
+    token_logprobs(model, pack(plan_micro_batches([g], 4096, layout="rows")[0], 2))
+    assert set(seen) == {(True, None)}
+    seen.clear()
+    token_logprobs(model, pack(plan_micro_batches([g], 4096, layout="shared")[0], 2))
+    assert set(seen) == {(False, (1, 1, 19, 19))}
