@@ -31,6 +31,7 @@ from dapo.batch import TrainBatch
 from dapo.config import DAPOConfig
 from dapo.errors import TrainingDiverged
 from dapo.logprobs import (PACKED_FORWARD, PackedRows, pack, packed_logits, pad_stack, plan_micro_batches,
+                           set_gradient_checkpointing, wants_checkpointing,
                            split_by_response, token_logprobs)
 from dapo.loss import mismatch_stats, policy_loss, rollout_is_weights
 
@@ -66,7 +67,8 @@ class Actor:
     def pack(self, batch: TrainBatch, rows: list[int], keep: torch.Tensor) -> list[PackedRows]:
         c = self.config
         return [pack(mb, self.pad_id)
-                for mb in plan_micro_batches(batch, c.max_tokens_per_micro_batch, c.shared_prompt, rows, keep)]
+                for mb in plan_micro_batches(batch, c.max_tokens_per_micro_batch, c.shared_prompt, rows, keep,
+                                             layout=c.attention_layout)]
 
     def dummy(self) -> PackedRows:
         """One pad token predicting itself, owned by no response: the zero-loss micro-batch a rank
@@ -104,6 +106,7 @@ class Actor:
         metric_sums: dict[str, torch.Tensor] = {}
         tokens = 0
         for packed in plan:
+            self._checkpointing(packed)
             lp, ent = token_logprobs(self.model, packed, c.temperature, with_entropy=with_entropy)
             if not packed.owner:  # a dummy: gathers and reduces like the others, contributes zero
                 (lp.sum() * 0.0).backward()
@@ -161,6 +164,15 @@ class Actor:
     def metric_names(self) -> list[str]:
         """policy_loss's metrics, the same on every rank (a rank with only dummies has none)."""
         return ["clip_frac_low", "clip_frac_high", "approx_kl"] + (["kl_ref"] if self.ref_model is not None else [])
+
+    def _checkpointing(self, packed: PackedRows) -> None:
+        """Activation checkpointing for this micro-batch ("auto": only one over the token budget,
+        i.e. a response too long to split); switched only when the answer changes."""
+        c = self.config
+        want = wants_checkpointing(c.gradient_checkpointing, packed, c.max_tokens_per_micro_batch)
+        if want != getattr(self, "_checkpointing_on", False):
+            set_gradient_checkpointing(self.model, want)
+            self._checkpointing_on = want
 
     # --- mu passes over a rollout batch ----------------------------------------------------------
     def update(self, batch: TrainBatch, train_step: int = 0,

@@ -163,6 +163,15 @@ class DAPOConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping by global norm; 0 turns it off.", group="optim")
     max_tokens_per_micro_batch: int = _f(4096, "Token budget of one forward/backward (padding included); "
                                          "bounds memory, never changes the gradient.", group="optim")
+    attention_layout: Literal["auto", "shared", "rows"] = _f(
+        "auto", "Training forward layout per group: 'shared' packs the prompt once with its responses behind a "
+        "4D mask; 'rows' gives each response its own causal row (no mask; better for long responses); 'auto' "
+        "picks per group by a measured cost model (shared for short answers). --no-shared-prompt means rows.",
+        group="optim")
+    gradient_checkpointing: Literal["auto", "on", "off"] = _f(
+        "auto", "Recompute decoder activations in backward (~+30% time, activations per token ~30x smaller). "
+        "'auto': only for micro-batches over max_tokens_per_micro_batch (a response too long to split).",
+        group="optim")
     max_bad_steps: int = _f(3, "Optimizer steps with a non-finite loss or gradient norm are skipped; this many "
                             "in a row stop the run (the last good checkpoint stays).", group="optim")
 
@@ -332,7 +341,7 @@ RESUME_SAFE_FIELDS = frozenset({
     "verbose", "output_dir", "train_steps", "save_every", "keep_last", "max_bad_steps",
     "eval_every", "eval_samples", "eval_temperature", "eval_top_p", "max_eval_prompts", "eval_data", "eval_split",
     "threads", "device", "max_tokens_per_micro_batch", "reward_timeout", "overwrite", "solved_accuracy",
-    "vllm_gpu_memory_utilization", "vllm_kv_cache_gb",
+    "vllm_gpu_memory_utilization", "vllm_kv_cache_gb", "attention_layout", "gradient_checkpointing",
 })
 
 
