@@ -121,5 +121,5 @@ if __name__ == "__main__":
 
     dapo.trainer.build_task = lambda config: toy_task(config.task)
     if os.environ.get("TOY_ENGINE") == "fixed":
-        dapo.trainer.HFEngine = FixedEngine
+        dapo.trainer.make_engine = lambda config, model, pad_id: FixedEngine()
     sys.exit(main(sys.argv[1:]))
