@@ -7,6 +7,7 @@ Training seconds are the sum of `step_seconds` (generation + update) up to the e
 first reaches the bar; evaluation time is not counted.
 
     python benchmarks/arithmetic_time_to_learn.py [--train-steps 20] [--eval-every 2]
+    python benchmarks/arithmetic_time_to_learn.py --compare engines   # hf vs vllm (needs .venv-vllm)
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from pathlib import Path
 from common import machine_line
 
 BAR = 0.8
-VARIANTS = {"now (stream, skip, bound)": [],
+SAMPLING = {"now (stream, skip, bound)": [],
             "before (rounds, no skip)": ["--refill", "rounds", "--no-prompt-skip", "--solved-accuracy", "1"]}
+ENGINES = {"hf engine": [], "vllm engine": ["--rollout-engine", "vllm", "--vllm-kv-cache-gb", "1"]}
 
 
 def rows(path: Path) -> list[dict]:
@@ -33,17 +35,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train-steps", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=2)
+    p.add_argument("--compare", choices=["sampling", "engines"], default="sampling")
+    p.add_argument("--vllm-python", default=".venv-vllm/bin/python")
     args = p.parse_args()
+    variants = SAMPLING if args.compare == "sampling" else ENGINES
     print(machine_line())
     with tempfile.TemporaryDirectory() as tmp:
         procs = {}
-        for i, (name, extra) in enumerate(VARIANTS.items()):
-            cmd = [sys.executable, "-m", "dapo", "train", "--config", "configs/arithmetic.yaml", "--threads", "1",
+        for i, (name, extra) in enumerate(variants.items()):
+            python = args.vllm_python if "vllm" in extra else sys.executable
+            cmd = [python, "-m", "dapo", "train", "--config", "configs/arithmetic.yaml", "--threads", "1",
                    "--train-steps", str(args.train_steps), "--eval-every", str(args.eval_every),
                    "--save-every", "0", "--output-dir", f"{tmp}/{i}", *extra]
             procs[name] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
                            Path(tmp) / str(i))
-        print("| dynamic sampling | train s to avg@8 >= 0.8 | steps | avg@8 at the end (step) | "
+        print(f"| {'dynamic sampling' if args.compare == 'sampling' else 'rollout engine'} | train s to avg@8 >= 0.8 | steps | avg@8 at the end (step) | "
               "generated groups | train seconds in all |")
         print("|---|---|---|---|---|---|")
         for name, (proc, run) in procs.items():
