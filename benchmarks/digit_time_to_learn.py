@@ -93,8 +93,8 @@ def main() -> None:
             print(f"{name} seed {seed}: {json.dumps(r)}", flush=True)
 
     print(f"\nTime to {BAR:.0%} \"5\" (32 samples, temperature 1), median of seeds {args.seeds}:")
-    print(f"| trainer | reached | median steps | median train seconds | median s/step |")
-    print(f"|---|---|---|---|---|")
+    print("| trainer | reached | median steps | median train seconds | median s/step |")
+    print("|---|---|---|---|---|")
     medians = {}
     for name, rs in results.items():
         medians[name] = statistics.median(r["train_seconds"] for r in rs)

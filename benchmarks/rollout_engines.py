@@ -84,7 +84,7 @@ def main() -> None:
 
     engine.generate(prompts[:1], 2, SamplingParams(max_new_tokens=8))  # warm-up
     generate(model, prompts[:1], 2, 8, set(), 2)
-    print(f"\n| shape | dapo sampler tok/s | vLLM tok/s | vLLM / dapo |")
+    print("\n| shape | dapo sampler tok/s | vLLM tok/s | vLLM / dapo |")
     print("|---|---|---|---|")
     for n_prompts, G in shapes:
         batch = prompts[:n_prompts]

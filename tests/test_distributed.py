@@ -13,15 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from dapo.checkpoint import RNG_DIR, SHARDED_DIR, latest_checkpoint, list_checkpoints, verify_checkpoint
-from toy_run import TOY_OPTIONS, save_tiny_model, toy_argv
+from toy_run import toy_argv
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tokenizer, tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), tokenizer)
 
 
 def env(**extra: str) -> dict[str, str]:

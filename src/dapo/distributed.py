@@ -59,10 +59,6 @@ def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
-def is_main() -> bool:
-    return rank() == 0
-
-
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

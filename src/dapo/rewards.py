@@ -287,8 +287,6 @@ def load_reward_function(spec: str, answer_column: str = "answer") -> tuple[str,
 def build_reward_functions(specs: Sequence[str], weights: Sequence[float] = (),
                            answer_column: str = "answer") -> list[RewardFunction]:
     """Load every spec; names are made unique (a repeated name gets '_2', '_3', ...)."""
-    if weights and len(weights) != len(specs):
-        raise RewardError(f"{len(weights)} reward weights for {len(specs)} reward functions")
     return as_reward_functions(list(specs), list(weights) or None, answer_column=answer_column)
 
 
