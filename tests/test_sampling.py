@@ -103,6 +103,9 @@ def test_surplus_groups_open_the_next_step_exactly_once(tokenizer, tiny, tmp_pat
     assert (s1["gen_rounds"], s1["groups_kept"], len(run.buffer.groups)) == (1, 2, 1)
     second, s2 = run.collect_batch()  # the surplus group fills this step: no generation at all
     assert (s2["gen_rounds"], s2["groups_carried_over"], len(calls)) == (0, 1, 3)  # 3 prompts, 1 round
+    # a step that sampled nothing reports its train batch, not a reward of 0
+    assert (s2["gen_tokens"], s2["reward_mean"]) == (0, pytest.approx(float(second.rewards.mean())))
+    assert s2["reward_mean"] > 0
     assert set(group_prompts(run, first) + group_prompts(run, second)) == {"mixed a", "mixed b"}
     third, s3 = run.collect_batch()  # buffer empty again: a new round (second epoch of the data)
     assert (s3["gen_rounds"], s3["groups_carried_over"], s3["prompts_consumed"], s3["data_epoch"]) == (1, 0, 6, 1)

@@ -25,10 +25,13 @@ def sampled_logprobs(model, prompt: list[int], response: list[int]) -> torch.Ten
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
 
 
-def test_two_vllm_steps_sync_weights_and_match_the_trainer(tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 8], ids=["full", "lora"])
+def test_two_vllm_steps_sync_weights_and_match_the_trainer(tmp_path, lora_rank):
+    """With LoRA the engine gets the merged weights (W + B A * alpha / r) after every step."""
     torch.set_num_threads(1)
     config = DAPOConfig(rollout_engine="vllm", vllm_kv_cache_gb=1.0, train_steps=2, group_size=8, mu=1,
-                        max_new_tokens=8, lr=5e-4, dynamic_sampling=False, threads=1, eval_samples=2,
+                        max_new_tokens=8, lr=5e-3 if lora_rank else 5e-4, lora_rank=lora_rank,
+                        dynamic_sampling=False, threads=1, eval_samples=2,
                         verbose=False, output_dir=str(tmp_path / "run"))
     tokenizer = load_tokenizer("default")
     model = load_model("default")

@@ -17,6 +17,7 @@ the device as tensors and are read back once per optimizer step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import types
@@ -33,6 +34,7 @@ from dapo.errors import TrainingDiverged
 from dapo.logprobs import (PACKED_FORWARD, PackedRows, pack, packed_logits, pad_stack, plan_micro_batches,
                            set_gradient_checkpointing, wants_checkpointing,
                            split_by_response, token_logprobs)
+from dapo.lora import adapters_disabled
 from dapo.loss import mismatch_stats, policy_loss, rollout_is_weights
 
 
@@ -55,7 +57,8 @@ class Actor:
         if self.world > 1:
             shard_model(model, c)  # before the optimizer: it must hold the sharded parameters
         # fused AdamW is 4x faster than the per-tensor loop on CPU (0.08 s vs 0.36 s a step for 135M).
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, betas=tuple(c.adam_betas),
+        # Only trainable parameters (LoRA freezes the base weights): no optimizer state for the rest.
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr, betas=tuple(c.adam_betas),
                                            weight_decay=c.weight_decay, fused=True)
         total = c.train_steps * c.grad_steps_per_train_step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=lr_lambda(c, total))
@@ -204,8 +207,10 @@ class Actor:
         for plan in plans[1:]:
             old.update(self.logprobs(plan))
         if self.ref_model is not None:
-            for plan in plans:
-                ref.update(self.logprobs(plan, self.ref_model))
+            # LoRA: the reference is this model with its adapters off (trainer.py)
+            with adapters_disabled(self.model) if self.ref_model is self.model else contextlib.nullcontext():
+                for plan in plans:
+                    ref.update(self.logprobs(plan, self.ref_model))
         assert batch.advantages is not None, "compute advantages before the update"
         sums: dict[str, float] = {}
         tokens_trained, skipped = 0, 0

@@ -25,6 +25,7 @@ import torch
 
 from dapo.config import DAPOConfig
 from dapo.errors import CheckpointError, RunDirError
+from dapo.lora import ADAPTER_DIR, ADAPTER_WEIGHTS, save_adapter, save_merged
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -69,8 +70,13 @@ def checkpoint_step(path: Path) -> int:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any, config: DAPOConfig,
-                    trainer_state: dict[str, Any] | None = None, keep_last: int = 2, tmp: Path | None = None) -> Path:
+                    trainer_state: dict[str, Any] | None = None, keep_last: int = 2, tmp: Path | None = None,
+                    adapter: Any = None) -> Path:
     """Write checkpoint `step` atomically and prune all but the newest `keep_last`.
+
+    `adapter`: the run's `peft.PeftModel` when it trains LoRA adapters (lora.py): the model
+    directory then holds the merged weights, and adapter/ the adapter in PEFT's format (what a
+    resume reads).
 
     `tmp`: a temporary directory (`tmp_checkpoint_dir`) already holding other files of this
     checkpoint (the ranks' sharded state); by default a fresh one.
@@ -85,7 +91,11 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-        model.save_pretrained(tmp, safe_serialization=True)
+        if adapter is not None:
+            save_merged(model, tmp)
+            save_adapter(adapter, tmp / ADAPTER_DIR)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         _maybe_fault(tmp, step)
         tokenizer.save_pretrained(tmp)
         _maybe_fault(tmp, step)
@@ -246,9 +256,11 @@ def verify_checkpoint(checkpoint: Path, need_state: bool = True) -> str | None:
         if not (checkpoint / name).is_file():
             return f"{name} is missing"
     try:
-        DAPOConfig.from_yaml(checkpoint / CONFIG_FILE)
+        saved = DAPOConfig.from_yaml(checkpoint / CONFIG_FILE)
     except Exception as e:  # noqa: BLE001
         return f"{CONFIG_FILE} is unreadable ({_reason(e)})"
+    if need_state and saved.lora_rank and not (checkpoint / ADAPTER_DIR / ADAPTER_WEIGHTS).is_file():
+        return f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS} is missing (a LoRA run resumes from its adapter)"
     try:
         from safetensors import safe_open
 

@@ -162,7 +162,7 @@ class BatchCollector:
                         f"confidence, solved_accuracy={c.solved_accuracy:g}): the policy solves the training prompts",
                         solved=True)
         batch = TrainBatch.cat(self.buffer.take())
-        stats.update(self._round_stats(rounds))
+        stats.update(self._round_stats(rounds, batch))
         stats.update({
             "batch_reward_mean": float(batch.rewards.mean()),
             "prompts_consumed": self.sampler.prompts_consumed,
@@ -224,18 +224,15 @@ class BatchCollector:
             return "all_min"
         return "partial"
 
-    def _round_stats(self, rounds: list[TrainBatch]) -> dict[str, float]:
-        """Means over every completion generated this step (zeros when the buffer alone filled it)."""
+    def _round_stats(self, rounds: list[TrainBatch], batch: TrainBatch) -> dict[str, float]:
+        """Means over every completion generated this step. When the buffer alone filled the step
+        (surplus groups of the last step), over the train batch instead: a step that sampled nothing
+        must not read as reward 0 in the curves (gen_tokens says 0)."""
         names = [rf.name for rf in self.scorer.reward_fns]
-        if not rounds:
-            out = dict.fromkeys(["gen_tokens", "reward_mean", "response_length_mean", "response_length_max",
-                                 "truncated_share"] + [f"reward/{name}" for name in names], 0.0)
-            out["gen_tokens"] = 0
-            return {**out, "accuracy": 0.0} if self.scorer.has_accuracy else out
-        generated = TrainBatch.cat(rounds)
+        generated = TrainBatch.cat(rounds) if rounds else batch
         count = len(generated)
         lengths = generated.lengths.float()
-        out = {"gen_tokens": int(lengths.sum()), "reward_mean": float(generated.rewards.mean()),
+        out = {"gen_tokens": int(lengths.sum()) if rounds else 0, "reward_mean": float(generated.rewards.mean()),
                "response_length_mean": float(lengths.mean()), "response_length_max": float(lengths.max()),
                "truncated_share": float(generated.truncated.float().mean())}
         if generated.correct is not None:

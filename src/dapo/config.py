@@ -44,6 +44,14 @@ class DAPOConfig:
     device: str = _f("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.", group="model")
     threads: int = _f(0, "CPU threads for torch; 0 means all cores.", group="model")
     seed: int = _f(0, "Seed for Python, NumPy and torch (sampling, data order).", group="model")
+    lora_rank: int = _f(0, "LoRA rank r (peft; pip install 'dapo-rl[lora]'): train low-rank adapters on "
+                        "lora_target_modules with the base weights frozen; 0 trains every weight. Checkpoints "
+                        "hold the adapter (adapter/, PEFT format) and the merged model.", group="model")
+    lora_alpha: float = _f(32.0, "LoRA alpha: the adapter's update is scaled by alpha / r. LoRA usually wants "
+                           "a learning rate ~10x that of full fine-tuning.", group="model")
+    lora_target_modules: list[str] = _f(["all-linear"], "Modules that get adapters: 'all-linear' (every linear "
+                                        "layer but the LM head) or module names, e.g. q_proj v_proj.",
+                                        group="model")
 
     # --- prompts and rewards -----------------------------------------------------------
     task: str = _f("digit", "Built-in task when no --data is given: 'digit' (the seed example), "
@@ -245,6 +253,12 @@ class DAPOConfig:
             raise ConfigError(f"eps_low must be < 1 (the ratio floor 1 - eps_low must stay positive), got {self.eps_low}")
         if self.clip_ratio_c is not None and self.clip_ratio_c <= 1:
             raise ConfigError(f"clip_ratio_c must be > 1 (or null), got {self.clip_ratio_c}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not self.lora_target_modules:
+            raise ConfigError("lora_target_modules must name at least one module (or 'all-linear')")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.overlong_buffer_len >= self.max_new_tokens and self.overlong_buffer_len > 0:

@@ -44,9 +44,10 @@ from dapo.checkpoint import (RNG_DIR, SHARDED_DIR, check_run_dir, checkpoint_dir
 from dapo.collector import BatchCollector
 from dapo.config import DAPOConfig
 from dapo.data import PromptSampler, encode_prompt
-from dapo.errors import (DapoError, DynamicSamplingExhausted, OutOfMemory, ResumeError, TrainingDiverged,
+from dapo.errors import (ConfigError, DapoError, DynamicSamplingExhausted, OutOfMemory, ResumeError, TrainingDiverged,
                          TrainingInterrupted, oom_guard)
 from dapo.evaluate import evaluate
+from dapo.lora import ADAPTER_DIR, apply_lora, load_adapter
 from dapo.metrics import MetricsLogger, sample_rows
 from dapo.models import load_model, load_tokenizer, pick_device, stop_token_ids
 from dapo.progress import NullProgress, Progress, make_progress
@@ -100,9 +101,18 @@ class Trainer:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(c.model)
         self.model = (model if model is not None else load_model(c.model, c.dtype, self.device)).to(self.device)
         self.model.train()
+        # LoRA: peft injects the adapters into this same model object and freezes the rest; the
+        # KL reference is then the model itself with its adapters off (no second copy).
+        self.peft: Any = None
+        if c.lora_rank:
+            if self.world > 1:
+                raise ConfigError("lora_rank with several ranks (FSDP2) is not supported yet; train LoRA in one "
+                                  "process, or full weights with --nproc")
+            self.peft = apply_lora(self.model, c.lora_rank, c.lora_alpha, c.lora_target_modules)
         ref_model = None
         if c.kl_coef > 0:
-            ref_model = load_model(c.model, c.dtype, self.device).eval().requires_grad_(False)
+            ref_model = (self.model if self.peft is not None else
+                         load_model(c.model, c.dtype, self.device).eval().requires_grad_(False))
         # Every prompt is templated now: one over max_prompt_len fails here, not hours into the run.
         self.prompt_ids = [encode_prompt(self.tokenizer, r["prompt"], c.system_prompt, c.max_prompt_len)
                            for r in self.task.train]
@@ -303,7 +313,7 @@ class Trainer:
                                            self.tokenizer, self.config, self.state_dict(), capture_rng(),
                                            keep_last=self.config.keep_last)
         return save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.config,
-                               trainer_state=self.state_dict(), keep_last=self.config.keep_last)
+                               trainer_state=self.state_dict(), keep_last=self.config.keep_last, adapter=self.peft)
 
     def _save_if_new(self) -> None:
         latest = latest_checkpoint(self.run_dir) if self.rank == 0 else None
@@ -343,6 +353,9 @@ class Trainer:
         if (checkpoint / SHARDED_DIR).is_dir():  # written by several ranks: resharded to this world size
             load_sharded_state(checkpoint, self.model, self.actor.optimizer)
             self.actor.load_state_dict(state, optimizer=False)
+        elif self.peft is not None:  # the base weights are the config's model; the adapter is the run's
+            load_adapter(self.peft, checkpoint / ADAPTER_DIR)
+            self.actor.load_state_dict(state)
         else:
             weights = load_model(str(checkpoint), self.config.dtype, "cpu")  # no second copy on the GPU
             if self.world > 1:

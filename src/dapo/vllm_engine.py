@@ -93,8 +93,12 @@ def _checkpoint_names(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     Tied weights appear under both names (SmolLM2: `lm_head.weight` is `model.embed_tokens.weight`);
     vLLM's loader skips `lm_head.*` for a model whose config ties them, so both may be passed.
     """
+    from dapo.lora import has_lora, merged_state_dict
+
+    # LoRA: vLLM samples from the merged weights (W + B A * alpha / r), the policy being trained.
+    state = merged_state_dict(model) if has_lora(model) else model.state_dict()
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         for prefix in ("_orig_mod.", "module."):
             while name.startswith(prefix):
                 name = name[len(prefix):]
