@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine facts and the measured float32 matmul rate."""
+"""Helpers shared by the benchmark scripts: machine facts, the measured float32 matmul rate, and
+synthetic rollout batches."""
 
 from __future__ import annotations
 
@@ -23,3 +24,21 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     for _ in range(repeats):
         a @ b
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def synthetic_batch(num_groups: int, group_size: int, prompt_len: int, response_len: int | list[int],
+                    seed: int = 0):
+    """A TrainBatch of random prompts and responses with random advantages; `response_len` is one
+    length for all, or one per response of a group."""
+    from dapo.batch import TrainBatch
+
+    g = torch.Generator().manual_seed(seed)
+    rows = num_groups * group_size
+    lens = [response_len] * group_size if isinstance(response_len, int) else list(response_len)
+    prompts = [torch.randint(100, 40000, (prompt_len,), generator=g).tolist() for _ in range(num_groups)]
+    group = torch.arange(num_groups).repeat_interleave(group_size)
+    return TrainBatch(
+        group=group, prompt_index=group.clone(), prompt_ids=[prompts[r // group_size] for r in range(rows)],
+        response_ids=[torch.randint(100, 40000, (lens[r % group_size],), generator=g).tolist() for r in range(rows)],
+        truncated=torch.zeros(rows, dtype=torch.bool), completions=[""] * rows, scores=torch.zeros(rows, 1),
+        task_rewards=torch.zeros(rows), rewards=torch.zeros(rows), advantages=torch.randn(rows, generator=g))

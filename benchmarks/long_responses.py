@@ -27,35 +27,28 @@ import time
 
 import torch
 
-from common import machine_line
+from common import machine_line, synthetic_batch
 
 PROMPT = 64
 G = 4
 
 
 def make_group(prompt_len: int, response_lens: list[int]):
-    from dapo.advantages import group_advantages
-    from dapo.rollout import Group
-
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(100, 40000, (prompt_len,), generator=g).tolist()
-    responses = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in response_lens]
-    grp = Group({"prompt": ""}, prompt, responses, [False] * len(responses))
-    grp.advantages = group_advantages(torch.randn(1, len(responses), generator=g))[0]
-    return grp
+    """One group of len(response_lens) responses (common.synthetic_batch)."""
+    return synthetic_batch(1, len(response_lens), prompt_len, response_lens)
 
 
-def train_step(model, groups, layout: str, chunk_size: int) -> int:
+def train_step(model, batch, layout: str, chunk_size: int) -> int:
     """Forward+backward of token_logprobs and the loss over every micro-batch; returns tokens."""
     from dapo.logprobs import pack, pad_stack, plan_micro_batches, split_by_response, token_logprobs
     from dapo.loss import policy_loss
 
-    n_tok = sum(len(r) for g in groups for r in g.response_ids)
-    for segs in plan_micro_batches(groups, 1 << 30, True, layout=layout):
+    n_tok = sum(len(r) for r in batch.response_ids)
+    for segs in plan_micro_batches(batch, 1 << 30, True, layout=layout):
         packed = pack(segs, 2)
         lp, _ = token_logprobs(model, packed, 1.0, with_entropy=True, chunk_size=chunk_size)
         per = split_by_response(lp, packed.owner)
-        adv = torch.stack([groups[gi].advantages[ri] for gi, ri, _ in packed.owner])
+        adv = batch.advantages[[row for _, row, _ in packed.owner]]
         lp_pad = pad_stack(per)
         loss, _ = policy_loss(lp_pad, lp_pad.detach() + 0.05, adv, pad_stack([torch.ones_like(t) for t in per]),
                               num_tokens=n_tok)
@@ -72,7 +65,7 @@ def child(total: int, layout: str, checkpointing: bool, chunk_size: int, malloc:
     model = load_model("default")
     model.train()
     set_gradient_checkpointing(model, checkpointing)
-    groups = [make_group(PROMPT, [total // G] * G)]
+    groups = make_group(PROMPT, [total // G] * G)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start, cpu = time.perf_counter(), time.process_time()
     tokens = train_step(model, groups, layout, chunk_size)
@@ -142,7 +135,7 @@ def layout_part(args) -> None:
     print("| prompt | G | response | shared s | rows s | shared / rows measured | modelled | choose_layout |")
     print("|---|---|---|---|---|---|---|---|")
     for prompt, g, resp in LAYOUT_SHAPES:
-        groups = [make_group(prompt, [resp] * g)]
+        groups = make_group(prompt, [resp] * g)
         times = {}
         for layout in ("shared", "rows", "shared", "rows"):  # interleaved; the better of two
             start = time.process_time()

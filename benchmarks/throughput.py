@@ -18,35 +18,27 @@ import time
 
 import torch
 
-from common import machine_line, matmul_gflops
+from common import machine_line, matmul_gflops, synthetic_batch
 
-from dapo.advantages import group_advantages
 from dapo.logprobs import pack, pad_stack, plan_micro_batches, split_by_response, token_logprobs
 from dapo.loss import policy_loss
 from dapo.models import load_model
-from dapo.rollout import Group, generate
+from dapo.rollout import generate
 
 
-def make_groups(prompt_len: int, group_size: int, response_len: int, num_groups: int = 1) -> list[Group]:
-    g = torch.Generator().manual_seed(0)
-    groups = []
-    for _ in range(num_groups):
-        prompt = torch.randint(100, 40000, (prompt_len,), generator=g).tolist()
-        responses = [torch.randint(100, 40000, (response_len,), generator=g).tolist() for _ in range(group_size)]
-        grp = Group({"prompt": ""}, prompt, responses, [False] * group_size)
-        grp.advantages = group_advantages(torch.randn(1, group_size, generator=g))[0]
-        groups.append(grp)
-    return groups
+def make_groups(prompt_len: int, group_size: int, response_len: int, num_groups: int = 1):
+    """A synthetic rollout batch (common.synthetic_batch)."""
+    return synthetic_batch(num_groups, group_size, prompt_len, response_len)
 
 
-def train_pass(model, groups, shared: bool, budget: int, backward: bool = True) -> None:
-    n_tok = sum(len(r) for g in groups for r in g.response_ids)
-    for segs in plan_micro_batches(groups, budget, shared):
+def train_pass(model, batch, shared: bool, budget: int, backward: bool = True) -> None:
+    n_tok = sum(len(r) for r in batch.response_ids)
+    for segs in plan_micro_batches(batch, budget, shared):
         packed = pack(segs, 2)
         with torch.set_grad_enabled(backward):
             lp, _ = token_logprobs(model, packed)
             per = split_by_response(lp, packed.owner)
-            adv = torch.stack([groups[gi].advantages[ri] for gi, ri, _ in packed.owner])
+            adv = batch.advantages[[row for _, row, _ in packed.owner]]
             lp_pad = pad_stack(per)
             loss, _ = policy_loss(lp_pad, lp_pad.detach(), adv, torch.ones_like(lp_pad), num_tokens=n_tok)
         if backward:
@@ -66,7 +58,7 @@ def model_flops(model, groups, shared: bool) -> float:
     head = cfg.vocab_size * cfg.hidden_size
     body = sum(p.numel() for p in model.parameters()) - head  # tied embedding counted once, as the head
     tokens = sum(pack(s, 2).input_ids.numel() for s in plan_micro_batches(groups, 1 << 30, shared))
-    predicted = sum(len(r) for g in groups for r in g.response_ids)
+    predicted = sum(len(r) for r in groups.response_ids)
     return 6 * (body * tokens + head * predicted)
 
 
@@ -87,7 +79,7 @@ def main() -> None:
     for prompt_len in args.prompt_lens:
         for G in args.group_sizes:
             groups = make_groups(prompt_len, G, args.response_len)
-            gen = timed(lambda: generate(model, [groups[0].prompt_ids], G, args.response_len, set(), 2), repeats=1)
+            gen = timed(lambda: generate(model, [groups.prompt_ids[0]], G, args.response_len, set(), 2), repeats=1)
             shared = timed(lambda: (train_pass(model, groups, True, args.budget), model.zero_grad()), repeats=2)
             plain = timed(lambda: (train_pass(model, groups, False, args.budget), model.zero_grad()), repeats=1)
             tokens = G * args.response_len
@@ -102,7 +94,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for prompt_len, G, resp in [(54, 32, 4), (256, 16, 32)]:
         groups = make_groups(prompt_len, G, resp)
-        gen = timed(lambda: generate(model, [groups[0].prompt_ids], G, resp, set(), 2), repeats=1)
+        gen = timed(lambda: generate(model, [groups.prompt_ids[0]], G, resp, set(), 2), repeats=1)
         old = timed(lambda: train_pass(model, groups, True, args.budget, backward=False), repeats=2)
         fb = timed(lambda: (train_pass(model, groups, True, args.budget), None), repeats=2)
         opt = timed(optimizer.step, repeats=2)
