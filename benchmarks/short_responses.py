@@ -65,7 +65,7 @@ def child(name: str, repeats: int, lora: bool) -> None:
         start = time.perf_counter()
         actor.update(batch)
         times.append(time.perf_counter() - start)
-    print(json.dumps({"seconds": statistics.median(times), "tokens": rows * response_len}))
+    print(json.dumps({"seconds": statistics.median(times), "tokens": len(batch) * response_len}))
 
 
 def run(src: Path, name: str, repeats: int, lora: bool = False) -> float:

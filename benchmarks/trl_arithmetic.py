@@ -12,7 +12,7 @@ Everything that must be the same as on the dapo side comes from a task file that
 the train and held-out records as dapo builds them (`dapo.tasks.build_task` on
 configs/arithmetic.yaml), their chat messages and dapo's prompt token ids (checked here against
 this tokenizer's), dapo's stop tokens, dapo's numeric-reward scores on probe completions (checked
-against the copy below), and the resolved dapo config, from which the TRL settings are derived:
+against dapo.rewards imported from src/ here), and the resolved dapo config, from which the TRL settings are derived:
 
     dapo (configs/arithmetic.yaml)                 TRL GRPOConfig
     group_size 8                                   num_generations 8
@@ -42,9 +42,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
+import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,53 +57,21 @@ from trl import GRPOConfig, GRPOTrainer
 BAR = 0.8
 
 
-# --- the reward: a copy of dapo's numeric reward ---------------------------------------------------
-# Copied from src/dapo/rewards.py (`_text`, `_NUMBER`, `last_number`, `numeric_reward`), the arithmetic
-# task's reward and accuracy function (src/dapo/tasks.py: arithmetic_task). Copied rather than imported
-# because this script runs in the TRL virtualenv, which does not have dapo installed; `check_reward`
-# compares it with dapo's own scores on the task file's probe completions before training starts.
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def _text(completion: Any) -> str:
-    """A completion is a string, or chat messages whose last message holds the text."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    return str(completion)
-
-
-def last_number(text: str) -> float | None:
-    """The last number written in `text` ("1,234" counts as 1234), or None."""
-    found = _NUMBER.findall(text)
-    if not found:
-        return None
-    try:
-        return float(found[-1].replace(",", ""))
-    except ValueError:
-        return None
-
-
-def numeric_reward(completions: Sequence[Any], answer: Sequence[Any], **_: Any) -> list[float]:
-    """1.0 when the last number in the completion equals the last number in `answer`, else 0.0."""
-    out = []
-    for c, a in zip(completions, answer):
-        gold = float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else last_number(str(a))
-        if gold is None:
-            raise ValueError(f"the numeric reward found no number in the answer {a!r}")
-        got = last_number(_text(c))
-        out.append(1.0 if got is not None and abs(got - gold) <= 1e-6 * max(1.0, abs(gold)) else 0.0)
-    return out
+# --- the reward: dapo's own numeric reward ------------------------------------------------------------
+# The arithmetic task's reward and accuracy function (src/dapo/tasks.py: arithmetic_task). The TRL
+# virtualenv does not install dapo, but dapo.rewards needs nothing it lacks, so it is imported from
+# this checkout's src/; its signature is TRL's (prompts, completions, **columns). `check_reward`
+# still compares it with the scores dapo's venv wrote into the task file.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from dapo.rewards import numeric_reward  # noqa: E402
 
 
 def check_reward(probes: list[dict[str, Any]]) -> None:
-    """The copy must score the probe completions exactly as dapo's numeric_reward did."""
-    got = numeric_reward([p["completion"] for p in probes], [p["answer"] for p in probes])
+    """Here numeric_reward must score the probe completions exactly as in dapo's venv."""
+    got = numeric_reward([""] * len(probes), [p["completion"] for p in probes], answer=[p["answer"] for p in probes])
     bad = [(p, g) for p, g in zip(probes, got) if g != p["score"]]
     if bad:
-        raise SystemExit(f"the copied numeric reward disagrees with dapo's on {len(bad)} probes, e.g. {bad[0]}")
+        raise SystemExit(f"numeric_reward here disagrees with dapo's on {len(bad)} probes, e.g. {bad[0]}")
 
 
 # --- TRL settings from dapo's config ----------------------------------------------------------------
@@ -204,7 +171,7 @@ class HeldOut:
                     lengths.append(len(row))
                     texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
                 answers = [r["answer"] for r in chunk for _ in range(self.k)]
-                hits = [s >= 1.0 for s in numeric_reward(texts, answers)]
+                hits = [s >= 1.0 for s in numeric_reward([""] * len(texts), texts, answer=answers)]
                 correct += [sum(hits[i:i + self.k]) for i in range(0, len(hits), self.k)]
         model.train(was_training)
         n = self.k

@@ -125,6 +125,8 @@ def test_lora_config_is_checked(tiny_dir, tmp_path):
         DAPOConfig(lora_rank=4, lora_alpha=0)
     with pytest.raises(ConfigError, match="lora_target_modules"):
         lora_run(tiny_dir, tmp_path, lora_target_modules=["no_such_proj"])
+    with pytest.raises(ConfigError, match="lm_head is tied"):
+        lora_run(tiny_dir, tmp_path / "tied", lora_target_modules=["q_proj", "lm_head"])
 
 
 @pytest.mark.slow

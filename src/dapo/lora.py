@@ -43,6 +43,9 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float, target_modules: 
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise ConfigError("lora_rank > 0 needs peft: pip install 'dapo-rl[lora]'") from None
+    if "lm_head" in target_modules and getattr(model.config, "tie_word_embeddings", False):
+        # the merged head would differ from the embedding it is tied to, and the export would lose it
+        raise ConfigError("lora_target_modules: lm_head is tied to the input embeddings in this model; leave it out")
     targets: str | list[str] = target_modules[0] if target_modules == ["all-linear"] else list(target_modules)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none",
                         task_type="CAUSAL_LM")

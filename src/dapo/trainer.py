@@ -44,8 +44,8 @@ from dapo.checkpoint import (RNG_DIR, SHARDED_DIR, check_run_dir, checkpoint_dir
 from dapo.collector import BatchCollector
 from dapo.config import DAPOConfig
 from dapo.data import PromptSampler, encode_prompt
-from dapo.errors import (ConfigError, DapoError, DynamicSamplingExhausted, OutOfMemory, ResumeError, TrainingDiverged,
-                         TrainingInterrupted, oom_guard)
+from dapo.errors import (ConfigError, DapoError, DynamicSamplingExhausted, OutOfMemory, ResumeError,
+                         TrainingDiverged, TrainingInterrupted, oom_guard)
 from dapo.evaluate import evaluate
 from dapo.lora import ADAPTER_DIR, apply_lora, load_adapter
 from dapo.metrics import MetricsLogger, sample_rows
