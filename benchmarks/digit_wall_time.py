@@ -4,8 +4,9 @@ For each seed: `dapo train --seed S` in a subprocess, timed from start to exit (
 evaluations and the summary included), and the share of 32 sampled answers that are exactly "5"
 after training. `--old` adds the same runs with dynamic sampling as it was before streaming refill,
 prompt skipping and the confidence-bound stop (`--refill rounds --no-prompt-skip --solved-accuracy 1`).
+`--lora` adds the same runs training rank-16 LoRA adapters (`--lora-rank 16 --lr 3e-4`).
 
-    python benchmarks/digit_wall_time.py --seeds 0 1 2 [--old]
+    python benchmarks/digit_wall_time.py --seeds 0 1 2 [--old] [--lora]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from common import machine_line
 
 OLD = ["--refill", "rounds", "--no-prompt-skip", "--solved-accuracy", "1"]
+LORA = ["--lora-rank", "16", "--lr", "3e-4"]
 
 
 def run(seed: int, extra: list[str]) -> tuple[float, float, int]:
@@ -40,9 +42,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--old", action="store_true", help="also run the pre-streaming dynamic sampling")
+    p.add_argument("--lora", action="store_true", help="also run with rank-16 LoRA adapters")
     args = p.parse_args()
     print(machine_line())
-    variants = {"dapo train (defaults)": []} | ({"old dynamic sampling": OLD} if args.old else {})
+    variants = ({"dapo train (defaults)": []} | ({"old dynamic sampling": OLD} if args.old else {})
+                | ({"LoRA r16, lr 3e-4": LORA} if args.lora else {}))
     print("| variant | seed | wall seconds | train steps | share of \"5\" after |")
     print("|---|---|---|---|---|")
     summary = {}
