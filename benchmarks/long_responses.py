@@ -56,13 +56,17 @@ def train_step(model, batch, layout: str, chunk_size: int) -> int:
     return n_tok
 
 
-def child(total: int, layout: str, checkpointing: bool, chunk_size: int, malloc: bool) -> None:
+def child(total: int, layout: str, checkpointing: bool, chunk_size: int, malloc: bool, lora_rank: int = 0) -> None:
     from dapo.logprobs import release_freed_memory_eagerly, set_gradient_checkpointing
     from dapo.models import load_model
 
     if malloc:
         release_freed_memory_eagerly()
     model = load_model("default")
+    if lora_rank:  # adapters on every linear layer: no weight gradients for the frozen base
+        from dapo.lora import apply_lora
+
+        apply_lora(model, lora_rank, 32.0, ["all-linear"])
     model.train()
     set_gradient_checkpointing(model, checkpointing)
     groups = make_group(PROMPT, [total // G] * G)
@@ -75,14 +79,16 @@ def child(total: int, layout: str, checkpointing: bool, chunk_size: int, malloc:
                       "tok_cpu_s": tokens / cpu}))
 
 
-CONFIGS = [  # (label, layout, checkpointing, chunk_size, release_freed_memory_eagerly)
-    ("today: shared mask, dense head", "shared", False, 0, False),
-    ("shared, chunked head", "shared", False, 1024, False),
-    ("shared, chunked, checkpointing", "shared", True, 1024, False),
-    ("rows, chunked head", "rows", False, 1024, False),
-    ("rows, chunked, checkpointing", "rows", True, 1024, False),
-    ("rows, chunked, checkpointing, mmap threshold 1 MB", "rows", True, 1024, True),
-    ("shared, chunked, checkpointing, mmap threshold 1 MB", "shared", True, 1024, True),
+CONFIGS = [  # (label, layout, checkpointing, chunk_size, release_freed_memory_eagerly, LoRA rank)
+    ("today: shared mask, dense head", "shared", False, 0, False, 0),
+    ("shared, chunked head", "shared", False, 1024, False, 0),
+    ("shared, chunked, checkpointing", "shared", True, 1024, False, 0),
+    ("rows, chunked head", "rows", False, 1024, False, 0),
+    ("rows, chunked, checkpointing", "rows", True, 1024, False, 0),
+    ("rows, chunked, checkpointing, mmap threshold 1 MB", "rows", True, 1024, True, 0),
+    ("shared, chunked, checkpointing, mmap threshold 1 MB", "shared", True, 1024, True, 0),
+    ("rows, chunked, checkpointing, LoRA r16", "rows", True, 1024, False, 16),
+    ("rows, chunked, checkpointing, LoRA r16, mmap threshold 1 MB", "rows", True, 1024, True, 16),
 ]
 
 
@@ -92,7 +98,7 @@ def memory_part(args) -> None:
           f"(token_logprobs with entropy + policy_loss), one micro-batch\n")
     print("| configuration | " + " | ".join(f"T = {t}" for t in totals) + " |")
     print("|---|" + "---|" * len(totals))
-    for i, (label, layout, ckpt, chunk, malloc) in enumerate(CONFIGS):
+    for i, (label, layout, ckpt, chunk, malloc, lora) in enumerate(CONFIGS):
         if args.configs and i not in args.configs:
             continue
         cells, seen = [], []  # seen: (T, peak MiB, model MiB)
@@ -104,7 +110,7 @@ def memory_part(args) -> None:
                     cells.append(f"skipped (~{expected / 1024:.0f} GiB expected)")
                     continue
             cmd = [sys.executable, __file__, "--child", str(total), layout, str(int(ckpt)), str(chunk),
-                   str(int(malloc))]
+                   str(int(malloc)), str(lora)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 cells.append("killed (out of memory)" if proc.returncode == -9 else f"failed ({proc.returncode})")
@@ -154,11 +160,11 @@ def main() -> None:
     p.add_argument("--totals", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--configs", type=int, nargs="*", help="indices into CONFIGS (default: all)")
     p.add_argument("--max-gib", type=float, default=10.0, help="skip configurations expected above this")
-    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        total, layout, ckpt, chunk, malloc = args.child
-        child(int(total), layout, bool(int(ckpt)), int(chunk), bool(int(malloc)))
+        total, layout, ckpt, chunk, malloc, lora = args.child
+        child(int(total), layout, bool(int(ckpt)), int(chunk), bool(int(malloc)), int(lora))
         return
     print(machine_line() + "\n")
     if args.part in ("memory", "both"):

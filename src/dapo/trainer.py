@@ -78,7 +78,8 @@ class Trainer:
         task: prompts, held-out prompts, rewards and accuracy (default: from the config).
         reward_fns: replace the task's reward functions: callables (TRL convention), RewardFunctions or
             --reward specs; the first drives accuracy unless config.accuracy_reward names another.
-        model, tokenizer: replace loading `config.model`.
+        model, tokenizer: replace loading `config.model` (with config.lora_rank > 0 the model passed
+            in gets its adapters injected in place, as peft does).
         engine: the rollout engine (default: HFEngine on the training model).
     """
 
