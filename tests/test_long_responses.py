@@ -292,3 +292,37 @@ def test_rows_layout_reaches_sdpa_as_is_causal_without_a_mask(monkeypatch):
     seen.clear()
     token_logprobs(model, pack(plan_micro_batches([g], 4096, layout="shared")[0], 2))
     assert set(seen) == {(False, (1, 1, 19, 19))}
+
+
+def test_eager_memory_release_is_scoped(monkeypatch):
+    """1 MB mmap threshold inside the block, glibc's 32 MB steady state after; off: untouched."""
+    import dapo.logprobs as lp
+
+    calls = []
+    monkeypatch.setattr(lp, "release_freed_memory_eagerly", lambda n=1 << 20: calls.append(n) or True)
+    with lp.eager_memory_release(False):
+        assert calls == []
+    with lp.eager_memory_release(True):
+        assert calls == [1 << 20]
+    assert calls == [1 << 20, 32 << 20]
+
+
+def test_update_releases_memory_eagerly_only_for_long_micro_batches(tokenizer, monkeypatch):
+    import contextlib
+    import sys
+    from pathlib import Path
+
+    import dapo.actor
+    from dapo.actor import Actor
+    from dapo.config import DAPOConfig
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from common import synthetic_batch
+
+    seen = []
+    monkeypatch.setattr(dapo.actor, "eager_memory_release", lambda on: seen.append(on) or contextlib.nullcontext())
+    model = tiny_model(len(tokenizer), seed=0)
+    actor = Actor(model, DAPOConfig(group_size=4, mu=1, max_new_tokens=600, threads=1), pad_id=2)
+    actor.update(synthetic_batch(1, 4, 10, 8))      # 10 + 4 x 8 tokens: short
+    actor.update(synthetic_batch(1, 4, 10, 520))    # 10 + 4 x 520 = 2090 >= EAGER_RELEASE_TOKENS
+    assert seen == [False, True]

@@ -31,9 +31,9 @@ from dapo import distributed
 from dapo.batch import TrainBatch
 from dapo.config import DAPOConfig
 from dapo.errors import TrainingDiverged
-from dapo.logprobs import (PACKED_FORWARD, PackedRows, pack, packed_logits, pad_stack, plan_micro_batches,
-                           set_gradient_checkpointing, wants_checkpointing,
-                           split_by_response, token_logprobs)
+from dapo.logprobs import (EAGER_RELEASE_TOKENS, PACKED_FORWARD, PackedRows, eager_memory_release, pack,
+                           packed_logits, pad_stack, plan_micro_batches, set_gradient_checkpointing,
+                           split_by_response, token_logprobs, wants_checkpointing)
 from dapo.lora import adapters_disabled
 from dapo.loss import mismatch_stats, policy_loss, rollout_is_weights
 
@@ -200,56 +200,60 @@ class Actor:
         if self.world > 1:  # equal numbers of micro-batches on every rank
             most = distributed.all_reduce_floats([float(len(p)) for p in plans], "max")
             plans = [p + [self.dummy()] * (int(n) - len(p)) for p, n in zip(plans, most)]
-        # Old-policy log-probs, needed from the second optimizer step on. The first mini-batch of
-        # the first pass runs before any update, so its own forward gives them exactly (ratio 1).
-        old: dict[int, torch.Tensor] = {}
-        ref: dict[int, torch.Tensor] = {}
-        for plan in plans[1:]:
-            old.update(self.logprobs(plan))
-        if self.ref_model is not None:
-            # LoRA: the reference is this model with its adapters off (trainer.py)
-            with adapters_disabled(self.model) if self.ref_model is self.model else contextlib.nullcontext():
-                for plan in plans:
-                    ref.update(self.logprobs(plan, self.ref_model))
-        assert batch.advantages is not None, "compute advantages before the update"
-        sums: dict[str, float] = {}
-        tokens_trained, skipped = 0, 0
-        entropy_sum, entropy_tokens = 0.0, 0
-        for epoch in range(c.mu):
-            for mbi in range(len(rows_of)):
-                num_tokens, num_seqs = denominators[mbi]
-                result = self.train_step(plans[mbi], batch.advantages, old, ref, num_tokens=num_tokens,
-                                         num_seqs=num_seqs, with_entropy=epoch == 0,
-                                         record_old=epoch == 0 and mbi == 0, sampler=batch.sampler_logprobs)
-                tokens_trained += result.tokens
-                grad_step = epoch * len(rows_of) + mbi + 1
-                if result.skipped:
-                    skipped += 1
-                    self._report_bad_step(grad_step, train_step, result)
-                    continue
-                for k, v in result.metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + result.grad_norm
-                sums["objective"] = sums.get("objective", 0.0) + result.objective
-                if epoch == 0:
-                    entropy_sum += result.entropy_sum
-                    entropy_tokens += num_tokens
-                if on_grad_step is not None:
-                    on_grad_step(grad_step, result.objective)
-        batch.old_logprobs = [old.get(r, torch.zeros(0)) for r in range(len(batch))]  # this rank's share
-        mismatch = self._mismatch(batch, old)
-        steps = max(c.grad_steps_per_train_step - skipped, 1)  # averages over the steps taken
-        out = {k: v / steps for k, v in sums.items()}
-        out["entropy"] = entropy_sum / max(entropy_tokens, 1)
-        # A batch whose responses were all filtered out runs no loss; keep the keys (metrics.jsonl
-        # promises every key on every step) with the value "nothing moved".
-        for key in ("clip_frac_low", "clip_frac_high", "approx_kl") + (("kl_ref",) if self.ref_model else ()):
-            out.setdefault(key, 0.0)
-        out["lr"] = self.scheduler.get_last_lr()[0]
-        out["train_tokens"] = tokens_trained
-        out["skipped_steps"] = skipped
-        out.update(mismatch)
-        return out
+        # Long micro-batches: freed activations go back to the OS instead of fragmenting the heap
+        # (logprobs.eager_memory_release); sampling afterwards keeps the heap's speed.
+        long = any(p.input_ids.numel() >= EAGER_RELEASE_TOKENS for plan in plans for p in plan)
+        with eager_memory_release(long):
+            # Old-policy log-probs, needed from the second optimizer step on. The first mini-batch of
+            # the first pass runs before any update, so its own forward gives them exactly (ratio 1).
+            old: dict[int, torch.Tensor] = {}
+            ref: dict[int, torch.Tensor] = {}
+            for plan in plans[1:]:
+                old.update(self.logprobs(plan))
+            if self.ref_model is not None:
+                # LoRA: the reference is this model with its adapters off (trainer.py)
+                with adapters_disabled(self.model) if self.ref_model is self.model else contextlib.nullcontext():
+                    for plan in plans:
+                        ref.update(self.logprobs(plan, self.ref_model))
+            assert batch.advantages is not None, "compute advantages before the update"
+            sums: dict[str, float] = {}
+            tokens_trained, skipped = 0, 0
+            entropy_sum, entropy_tokens = 0.0, 0
+            for epoch in range(c.mu):
+                for mbi in range(len(rows_of)):
+                    num_tokens, num_seqs = denominators[mbi]
+                    result = self.train_step(plans[mbi], batch.advantages, old, ref, num_tokens=num_tokens,
+                                             num_seqs=num_seqs, with_entropy=epoch == 0,
+                                             record_old=epoch == 0 and mbi == 0, sampler=batch.sampler_logprobs)
+                    tokens_trained += result.tokens
+                    grad_step = epoch * len(rows_of) + mbi + 1
+                    if result.skipped:
+                        skipped += 1
+                        self._report_bad_step(grad_step, train_step, result)
+                        continue
+                    for k, v in result.metrics.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + result.grad_norm
+                    sums["objective"] = sums.get("objective", 0.0) + result.objective
+                    if epoch == 0:
+                        entropy_sum += result.entropy_sum
+                        entropy_tokens += num_tokens
+                    if on_grad_step is not None:
+                        on_grad_step(grad_step, result.objective)
+            batch.old_logprobs = [old.get(r, torch.zeros(0)) for r in range(len(batch))]  # this rank's share
+            mismatch = self._mismatch(batch, old)
+            steps = max(c.grad_steps_per_train_step - skipped, 1)  # averages over the steps taken
+            out = {k: v / steps for k, v in sums.items()}
+            out["entropy"] = entropy_sum / max(entropy_tokens, 1)
+            # A batch whose responses were all filtered out runs no loss; keep the keys (metrics.jsonl
+            # promises every key on every step) with the value "nothing moved".
+            for key in ("clip_frac_low", "clip_frac_high", "approx_kl") + (("kl_ref",) if self.ref_model else ()):
+                out.setdefault(key, 0.0)
+            out["lr"] = self.scheduler.get_last_lr()[0]
+            out["train_tokens"] = tokens_trained
+            out["skipped_steps"] = skipped
+            out.update(mismatch)
+            return out
 
     def _mismatch(self, batch: TrainBatch, old: dict[int, torch.Tensor]) -> dict[str, float]:
         """Train-inference mismatch between the engine's and the trainer's log-probs of the sampled
