@@ -26,6 +26,19 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
+def default_model(lora_rank: int = 0):
+    """The default model (SmolLM2-135M-Instruct), with rank-`lora_rank` LoRA adapters on every
+    linear layer (alpha 32, the config's default) when asked."""
+    from dapo.models import load_model
+
+    model = load_model("default")
+    if lora_rank:
+        from dapo.lora import apply_lora
+
+        apply_lora(model, lora_rank, 32.0, ["all-linear"])
+    return model
+
+
 def synthetic_batch(num_groups: int, group_size: int, prompt_len: int, response_len: int | list[int],
                     seed: int = 0):
     """A TrainBatch of random prompts and responses with random advantages; `response_len` is one

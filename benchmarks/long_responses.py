@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from common import machine_line, synthetic_batch
+from common import default_model, machine_line, synthetic_batch
 
 PROMPT = 64
 G = 4
@@ -58,15 +58,10 @@ def train_step(model, batch, layout: str, chunk_size: int) -> int:
 
 def child(total: int, layout: str, checkpointing: bool, chunk_size: int, malloc: bool, lora_rank: int = 0) -> None:
     from dapo.logprobs import release_freed_memory_eagerly, set_gradient_checkpointing
-    from dapo.models import load_model
 
     if malloc:
         release_freed_memory_eagerly()
-    model = load_model("default")
-    if lora_rank:  # adapters on every linear layer: no weight gradients for the frozen base
-        from dapo.lora import apply_lora
-
-        apply_lora(model, lora_rank, 32.0, ["all-linear"])
+    model = default_model(lora_rank)  # LoRA: no weight gradients for the frozen base
     model.train()
     set_gradient_checkpointing(model, checkpointing)
     groups = make_group(PROMPT, [total // G] * G)

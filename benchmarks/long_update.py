@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from common import machine_line, synthetic_batch
+from common import default_model, machine_line, synthetic_batch
 
 
 def child(total: int, lora: bool, eager: bool) -> None:
@@ -29,18 +29,13 @@ def child(total: int, lora: bool, eager: bool) -> None:
     import dapo.actor
     from dapo.actor import Actor
     from dapo.config import DAPOConfig
-    from dapo.models import load_model
     from dapo.rollout import generate
 
     # Force the choice either way (dapo's default: on for micro-batches of >= EAGER_RELEASE_TOKENS).
     dapo.actor.EAGER_RELEASE_TOKENS = 0 if eager else 1 << 40
     config = DAPOConfig(group_size=4, max_new_tokens=total // 4 + 1, mu=1, max_prompt_len=128,
                         **({"lora_rank": 16, "lr": 3e-4} if lora else {}))
-    model = load_model("default")
-    if lora:
-        from dapo.lora import apply_lora
-
-        apply_lora(model, 16, 32.0, ["all-linear"])
+    model = default_model(16 if lora else 0)
     actor = Actor(model, config, pad_id=2)
     start = time.perf_counter()
     actor.update(synthetic_batch(1, 4, 64, total // 4))

@@ -43,20 +43,15 @@ def child(name: str, repeats: int, lora: bool) -> None:
     """In a subprocess whose `dapo` is the code under test: time Actor.update on one workload."""
     import torch
 
-    from common import synthetic_batch
+    from common import default_model, synthetic_batch
 
     from dapo.actor import Actor
     from dapo.config import DAPOConfig
-    from dapo.models import load_model
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     groups, G, prompt_len, response_len, overrides = WORKLOADS[name]
     config = DAPOConfig(**overrides, **({"lora_rank": 16, "lr": 3e-4} if lora else {}))
-    model = load_model("default")
-    if lora:
-        from dapo.lora import apply_lora
-
-        apply_lora(model, 16, 32.0, ["all-linear"])
+    model = default_model(16 if lora else 0)
     actor = Actor(model, config, pad_id=2)
     batch = synthetic_batch(groups, G, prompt_len, response_len)
     actor.update(batch)  # warm-up

@@ -141,4 +141,4 @@ def test_lora_learns_the_digit_task(tmp_path):
     assert float(match.group(1)) < 0.2 and float(match.group(2)) >= 0.8, out.stdout[-2000:]
     ckpt = list_checkpoints(tmp_path / "run")[-1]
     assert (ckpt / ADAPTER_DIR / "adapter_model.safetensors").is_file()
-    assert (ckpt / "adapter" / "adapter_model.safetensors").stat().st_size < 20e6  # adapters, not the model
+    assert (ckpt / ADAPTER_DIR / "adapter_model.safetensors").stat().st_size < 20e6  # adapters, not the model
