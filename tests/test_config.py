@@ -54,6 +54,18 @@ def test_cli_reports_bad_value_without_traceback(capsys):
     assert "eps_high must be in [0, 10), got -1.0" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "plot"])
+def test_help_lists_every_option(command, capsys):
+    # A help text with a bare "%" (e.g. "95% lower bound") made argparse raise instead of printing help.
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ")
+    if command == "train":
+        assert "--solved-accuracy" in out and "95% lower confidence bound" in out
+
+
 def test_cli_missing_model_path(capsys, tmp_path):
     assert main(["train", "--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "run")]) == 2
     assert "model path" in capsys.readouterr().err

@@ -28,7 +28,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(DAPOConfig):
         hint = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {_default(f)})"
+        # argparse expands %-formats in help strings: a literal "95%" must reach it as "95%%"
+        help_text = f"{f.metadata['help']} (default: {_default(f)})".replace("%", "%%")
         group = groups[f.metadata["group"]]
         if hint is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
