@@ -3,7 +3,8 @@
 Both run at once, one thread each, so each has one of the two cores:
 
 - `--compare sampling` (default): dynamic sampling as it is now (streaming refill, prompt skipping,
-  confidence-bound stop) against Algorithm 1 as written (fixed rounds of gen_batch_size, no skipping).
+  confidence-bound stop, pi_old from the sampler) against the behaviour of 2026-11-25: Algorithm 1
+  as written (fixed rounds of gen_batch_size, no skipping) and pi_old recomputed by a forward.
 - `--compare engines`: dapo's HF sampler against vLLM as the rollout engine (needs .venv-vllm).
 - `--compare trl`: dapo against TRL 1.16's GRPOTrainer configured as DAPO without dynamic sampling
   (benchmarks/trl_arithmetic.py, in the TRL virtualenv), on the same model, prompts, held-out sums
@@ -35,8 +36,9 @@ from common import machine_line
 
 BAR = 0.8
 CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "arithmetic.yaml")  # from any directory
-SAMPLING = {"now (stream, skip, bound)": [],
-            "before (rounds, no skip)": ["--refill", "rounds", "--no-prompt-skip", "--solved-accuracy", "1"]}
+SAMPLING = {"now (stream, skip, bound, sampler pi_old)": [],
+            "before (rounds, no skip, recomputed pi_old)": ["--refill", "rounds", "--no-prompt-skip",
+                                                            "--solved-accuracy", "1", "--old-logprobs", "recompute"]}
 ENGINES = {"hf engine": [], "vllm engine": ["--rollout-engine", "vllm", "--vllm-kv-cache-gb", "1"]}
 TRL_SCRIPT = Path(__file__).parent / "trl_arithmetic.py"
 
@@ -73,7 +75,8 @@ def dapo_summary(run: Path) -> dict[str, Any]:
             "groups_to_bar": groups[reached["step"]] if reached else None,
             "final_avg": evals[-1]["avg@8"], "final_step": evals[-1]["step"],
             "final_opt_step": opt_steps.get(evals[-1]["step"], 0), "steps": last,
-            "opt_steps": opt_steps[last], "groups": groups[last], "seconds": seconds[last]}
+            "opt_steps": opt_steps[last], "groups": groups[last], "seconds": seconds[last],
+            "update_seconds_per_step": sum(r["train_seconds"] for r in metrics) / len(metrics)}
 
 
 # --- the task file for benchmarks/trl_arithmetic.py ---------------------------------------------------
@@ -133,8 +136,8 @@ def compare_dapo_variants(args: argparse.Namespace, tmp: str) -> None:
         procs[name] = (subprocess.Popen(dapo_command(python, overrides, f"{tmp}/{i}", extra), stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True), Path(tmp) / str(i))
     print(f"| {'dynamic sampling' if args.compare == 'sampling' else 'rollout engine'} | train s to avg@8 >= 0.8 | "
-          "steps | avg@8 at the end (step) | generated groups | train seconds in all |")
-    print("|---|---|---|---|---|---|")
+          "steps | avg@8 at the end (step) | generated groups | train seconds in all | update s per step |")
+    print("|---|---|---|---|---|---|---|")
     for name, (proc, run) in procs.items():
         _, err = proc.communicate()
         if proc.returncode != 0:
@@ -143,7 +146,7 @@ def compare_dapo_variants(args: argparse.Namespace, tmp: str) -> None:
         s = dapo_summary(run)
         to_bar = f"{s['seconds_to_bar']:.0f}" if s["reached"] else "not reached"
         print(f"| {name} | {to_bar} | {s['step_to_bar'] or '-'} | {s['final_avg']:.3f} ({s['final_step']}) | "
-              f"{s['groups']} | {s['seconds']:.0f} |", flush=True)
+              f"{s['groups']} | {s['seconds']:.0f} | {s['update_seconds_per_step']:.2f} |", flush=True)
 
 
 def compare_trl(args: argparse.Namespace, tmp: str) -> None:

@@ -101,8 +101,10 @@ def test_surplus_groups_open_the_next_step_exactly_once(tokenizer, tiny, tmp_pat
     run, calls = make_run(tokenizer, tiny, tmp_path, [ALL_MAX, MIXED_A, MIXED_B], train_batch_size=1)
     first, s1 = run.collect_batch()
     assert (s1["gen_rounds"], s1["groups_kept"], len(run.buffer.groups)) == (1, 2, 1)
+    assert first.stale is None or not first.stale.any()
     second, s2 = run.collect_batch()  # the surplus group fills this step: no generation at all
     assert (s2["gen_rounds"], s2["groups_carried_over"], len(calls)) == (0, 1, 3)  # 3 prompts, 1 round
+    assert second.stale.all()  # sampled before the first update: the Actor recomputes its pi_old
     # a step that sampled nothing reports its train batch, not a reward of 0
     assert (s2["gen_tokens"], s2["reward_mean"]) == (0, pytest.approx(float(second.rewards.mean())))
     assert s2["reward_mean"] > 0

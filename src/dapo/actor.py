@@ -206,10 +206,27 @@ class Actor:
         with eager_memory_release(long):
             # Old-policy log-probs, needed from the second optimizer step on. The first mini-batch of
             # the first pass runs before any update, so its own forward gives them exactly (ratio 1).
+            # The others' come from a no-grad forward, or (config.old_logprobs_from_sampler: the hf
+            # engine samples from these very weights, in the same precision) from the sampler's own
+            # log-probs, which equal it up to float rounding: no forward, except for stale rows (a
+            # surplus group sampled before the last update), recomputed either way.
             old: dict[int, torch.Tensor] = {}
             ref: dict[int, torch.Tensor] = {}
-            for plan in plans[1:]:
+            if c.old_logprobs_from_sampler and batch.sampler_logprobs is not None:
+                device = next(self.model.parameters()).device
+                later = [r for rows in rows_of[1:] for r in rows]
+                old = {r: batch.sampler_logprobs[r].to(device) for r in later if not batch.is_stale(r)}
+                stale = [r for r in later if batch.is_stale(r)]
+                plan = self.pack(batch, stale, keep) if stale else []
+                if self.world > 1:  # every rank runs the same number of forwards (FSDP collectives)
+                    most = int(distributed.all_reduce_floats([float(len(plan))], "max")[0])
+                    plan = plan + [self.dummy()] * (most - len(plan))
                 old.update(self.logprobs(plan))
+                measured = set(rows_of[0]) | set(stale)  # rows whose trainer log-probs were computed
+            else:
+                for plan in plans[1:]:
+                    old.update(self.logprobs(plan))
+                measured = None
             if self.ref_model is not None:
                 # LoRA: the reference is this model with its adapters off (trainer.py)
                 with adapters_disabled(self.model) if self.ref_model is self.model else contextlib.nullcontext():
@@ -241,7 +258,9 @@ class Actor:
                     if on_grad_step is not None:
                         on_grad_step(grad_step, result.objective)
             batch.old_logprobs = [old.get(r, torch.zeros(0)) for r in range(len(batch))]  # this rank's share
-            mismatch = self._mismatch(batch, old)
+            # Fresh rows only: a stale row's gap to its sampler is the policy's change, not a mismatch.
+            mismatch = self._mismatch(batch, {r: t for r, t in old.items() if (measured is None or r in measured)
+                                              and not batch.is_stale(r)})
             steps = max(c.grad_steps_per_train_step - skipped, 1)  # averages over the steps taken
             out = {k: v / steps for k, v in sums.items()}
             out["entropy"] = entropy_sum / max(entropy_tokens, 1)

@@ -28,6 +28,9 @@ class TrainBatch:
     advantages: torch.Tensor | None = None        # [B]
     sampler_logprobs: list[torch.Tensor] | None = None  # [B] x [len_i], the rollout engine's own
     old_logprobs: list[torch.Tensor] | None = None      # [B] x [len_i], the trainer's, before the update
+    # [B] bool: sampled by an earlier policy than the one this step updates (a surplus group carried
+    # over from an earlier step); None: every row was sampled by the current weights
+    stale: torch.Tensor | None = None
 
     # --- shape -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -45,6 +48,9 @@ class TrainBatch:
     def grouped(self, column: torch.Tensor) -> torch.Tensor:
         """[B] -> [num_groups, G]; every group of a batch has the same size G."""
         return column.view(self.num_groups, -1)
+
+    def is_stale(self, row: int) -> bool:
+        return self.stale is not None and bool(self.stale[row])
 
     def loss_mask(self, overlong_filter: bool) -> torch.Tensor:
         """[B] bool: responses that carry loss. Empty responses never do; with overlong filtering
@@ -98,6 +104,9 @@ class TrainBatch:
             parts = [getattr(b, f.name) for b in batches]
             if f.name == "group":
                 values[f.name] = torch.cat(groups)
+            elif f.name == "stale" and any(p is not None for p in parts):  # None: all fresh
+                values[f.name] = torch.cat([p if p is not None else torch.zeros(len(b), dtype=torch.bool)
+                                            for p, b in zip(parts, batches)])
             elif any(p is None for p in parts):
                 values[f.name] = None
             elif isinstance(parts[0], torch.Tensor):

@@ -118,6 +118,8 @@ class BatchCollector:
         """
         c = self.config
         self.step = step - 1
+        for group in self.buffer.groups:  # surplus of an earlier step: sampled before the last update
+            group.stale = torch.ones(len(group), dtype=torch.bool)
         stats: dict[str, float] = {"gen_rounds": 0, "groups_kept": 0, "groups_dropped_all_same": 0,
                                    "groups_dropped_all_max": 0, "groups_dropped_all_min": 0,
                                    "groups_dropped_partial": 0, "groups_carried_over": len(self.buffer.groups),

@@ -142,6 +142,12 @@ class DAPOConfig:
         "auto", "Train-inference mismatch correction: 'tis' weighs each token by min(pi_old / pi_sampler, "
         "rollout_is_cap); 'mask' drops a response whose sequence ratio exceeds rollout_mask_ratio; 'auto': none "
         "with the hf engine (it samples from the trained weights), tis with vllm.", group="loss")
+    old_logprobs: Literal["auto", "recompute", "sampler"] = _f(
+        "auto", "Where the old policy's log-probs (the ratio's pi_old) of the second and later mini-batches come "
+        "from: 'recompute' runs a no-grad forward of the trainer over them; 'sampler' takes the rollout engine's "
+        "log-probs of the sampled tokens, which with the same weights and numerics are the same numbers, and "
+        "recomputes only surplus groups carried over from an earlier step; 'auto': sampler with the hf engine at "
+        "top_p 1 and temperature > 0, recompute otherwise.", group="loss")
     rollout_is_cap: float = _f(2.0, "Truncation of the token importance weight of rollout_correction 'tis'.",
                                group="loss")
     rollout_mask_ratio: float = _f(3.0, "Sequence ratio above which rollout_correction 'mask' drops a response.",
@@ -276,11 +282,27 @@ class DAPOConfig:
                 self.task.startswith("reasoning_gym:") and len(self.task) > len("reasoning_gym:")):
             raise ConfigError(f"task must be one of {sorted(BUILTIN_TASKS)} or 'reasoning_gym:<name>', got "
                               f"{self.task!r}")
+        if self.old_logprobs == "sampler":
+            if self.top_p < 1.0 or self.temperature == 0:
+                raise ConfigError("old_logprobs 'sampler' needs temperature > 0 and top_p 1: the engine's log-probs "
+                                  f"are of the nucleus-renormalised (or greedy) distribution, got temperature "
+                                  f"{self.temperature}, top_p {self.top_p}; use old_logprobs 'recompute'")
+            if self.correction != "none":
+                raise ConfigError(f"rollout_correction {self.correction!r} compares the trainer's old log-probs with "
+                                  "the sampler's, which old_logprobs 'sampler' makes the same; set rollout_correction "
+                                  "none or old_logprobs recompute")
         for name in self.trackers:
             if name not in TRACKERS:
                 raise ConfigError(f"trackers must be among {list(TRACKERS)}, got {name!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+    @property
+    def old_logprobs_from_sampler(self) -> bool:
+        """old_logprobs with 'auto' resolved: True when the engine's log-probs serve as pi_old."""
+        if self.old_logprobs != "auto":
+            return self.old_logprobs == "sampler"
+        return self.rollout_engine == "hf" and self.top_p == 1.0 and self.temperature > 0
 
     @property
     def correction(self) -> str:

@@ -1,0 +1,113 @@
+"""pi_old from the rollout engine's own log-probs (old_logprobs 'sampler'): the same update as the
+recomputing forward when the two agree, no forward for fresh rows, a forward for stale rows (surplus
+groups sampled before the last update), the ratio against the sampler's numbers worked by hand, and
+the config's resolution and refusals."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from dapo import DAPOConfig
+from dapo.actor import Actor
+from dapo.batch import TrainBatch
+from dapo.errors import ConfigError
+from test_logprobs import make_batch
+
+
+def two_mini_batch_update(tiny, tokenizer, mode: str, shift: float = 0.0, stale_group: int | None = None,
+                          lr: float = 1e-3):
+    """Actor.update on test_logprobs.make_batch (group 0: 4 responses, group 1: 3) with one group per
+    mini-batch, mu 1. The sampler log-probs are the trainer's own (computed before the update) minus
+    `shift`; `stale_group` is marked as carried over. Returns (objective by grad step, no-grad
+    forwards run, metrics, model, batch)."""
+    batch = make_batch(tokenizer)
+    if stale_group is not None:
+        batch.stale = batch.group == stale_group
+    model = copy.deepcopy(tiny)
+    config = DAPOConfig(old_logprobs=mode, mu=1, train_batch_size=2, mini_batch_size=1, lr=lr, threads=2)
+    actor = Actor(model, config, pad_id=2)
+    own = actor.logprobs(actor.pack(batch, list(range(len(batch))), batch.loss_mask(False)))
+    batch.sampler_logprobs = [own[r] - shift for r in range(len(batch))]
+    forwards = []
+    real = actor.logprobs
+    actor.logprobs = lambda plan, model=None: forwards.extend(p for p in plan if p.owner) or real(plan, model)
+    objectives = {}
+    metrics = actor.update(batch, on_grad_step=lambda step, obj: objectives.__setitem__(step, obj))
+    return objectives, len(forwards), metrics, model, batch
+
+
+def token_mean_advantage(batch: TrainBatch, group: int, ratio: float = 1.0) -> float:
+    """The token-mean objective sum_t r * A_i / N of one group's mini-batch when every ratio is `ratio`."""
+    rows = [r for r in range(len(batch)) if int(batch.group[r]) == group]
+    return ratio * sum(float(batch.advantages[r]) * len(batch.response_ids[r]) for r in rows) / sum(
+        len(batch.response_ids[r]) for r in rows)
+
+
+def test_sampler_log_probs_equal_to_the_trainer_give_the_recomputed_update(tiny, tokenizer):
+    obj_r, fwd_r, m_r, model_r, _ = two_mini_batch_update(tiny, tokenizer, "recompute")
+    obj_s, fwd_s, m_s, model_s, _ = two_mini_batch_update(tiny, tokenizer, "sampler")
+    # recompute: one no-grad forward for the second mini-batch; sampler: none
+    assert (fwd_r, fwd_s) == (1, 0)
+    assert obj_s[1] == pytest.approx(obj_r[1], abs=1e-6) and obj_s[2] == pytest.approx(obj_r[2], abs=1e-6)
+    for (name, a), (_, b) in zip(model_r.named_parameters(), model_s.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    # the mismatch is still measured, on the first mini-batch (its own forward): zero here
+    assert m_s["mismatch_max_abs"] < 1e-5 and abs(m_s["mismatch_kl"]) < 1e-9
+
+
+def test_the_second_mini_batch_ratio_is_taken_against_the_sampler(tiny, tokenizer):
+    """lr 1e-30: the weights do not move, so every ratio is exp(trainer - pi_old). Sampler log-probs
+    0.1 below the trainer's: the first mini-batch uses its own forward (ratio 1, objective
+    sum(A * len) / N of group 0); the second, fresh, takes the sampler's (ratio e^0.1, inside the
+    clip range [0.8, 1.28]: objective e^0.1 * sum(A * len) / N of group 1)."""
+    obj, forwards, m, _, batch = two_mini_batch_update(tiny, tokenizer, "sampler", shift=0.1, lr=1e-30)
+    assert forwards == 0
+    assert obj[1] == pytest.approx(token_mean_advantage(batch, 0), rel=1e-5)
+    assert obj[2] == pytest.approx(token_mean_advantage(batch, 1, math.exp(0.1)), rel=1e-5)
+    assert m["mismatch_max_abs"] == pytest.approx(0.1, abs=1e-4)  # measured on group 0 (own forward)
+    rows1 = [r for r in range(len(batch)) if int(batch.group[r]) == 1]
+    assert batch.old_logprobs[rows1[0]].tolist() == pytest.approx(batch.sampler_logprobs[rows1[0]].tolist())
+
+
+def test_stale_rows_are_recomputed(tiny, tokenizer):
+    """Group 1 carried over from an earlier step: its sampler log-probs are another policy's, so the
+    trainer recomputes them (one forward of its 3 rows) and the ratio is 1 again; a stale row does
+    not count in the mismatch metric."""
+    obj, forwards, m, _, batch = two_mini_batch_update(tiny, tokenizer, "sampler", shift=0.1, stale_group=1,
+                                                       lr=1e-30)
+    assert forwards == 1
+    assert obj[2] == pytest.approx(token_mean_advantage(batch, 1), rel=1e-5)
+    # group 0 stale too: first mini-batch, own forward, and no fresh row is left to measure
+    obj, forwards, m, _, batch = two_mini_batch_update(tiny, tokenizer, "sampler", shift=0.1, stale_group=0,
+                                                       lr=1e-30)
+    assert forwards == 0 and obj[1] == pytest.approx(token_mean_advantage(batch, 0), rel=1e-5)
+    assert obj[2] == pytest.approx(token_mean_advantage(batch, 1, math.exp(0.1)), rel=1e-5)
+    assert m["mismatch_max_abs"] == 0.0 and m["mismatch_kl"] == 0.0
+
+
+def test_stale_column_through_cat_and_select():
+    a = TrainBatch(group=torch.tensor([0, 0]), prompt_index=torch.tensor([0, 0]), prompt_ids=[[1], [1]],
+                   response_ids=[[2], [3]], truncated=torch.zeros(2, dtype=torch.bool), completions=["", ""],
+                   scores=torch.zeros(2, 1), task_rewards=torch.tensor([0.0, 1.0]), rewards=torch.tensor([0.0, 1.0]))
+    b = copy.deepcopy(a)
+    b.stale = torch.ones(2, dtype=torch.bool)
+    both = TrainBatch.cat([b, a])
+    assert both.stale.tolist() == [True, True, False, False]
+    assert both.select_groups([1]).stale.tolist() == [False, False]
+    assert TrainBatch.cat([a, a]).stale is None and not a.is_stale(0) and both.is_stale(1)
+
+
+def test_auto_resolution_and_refusals():
+    assert DAPOConfig().old_logprobs_from_sampler  # hf engine, top_p 1, temperature 1
+    assert not DAPOConfig(top_p=0.9).old_logprobs_from_sampler  # nucleus-renormalised log-probs
+    assert not DAPOConfig(rollout_engine="vllm").old_logprobs_from_sampler  # other kernels: recompute + tis
+    assert not DAPOConfig(old_logprobs="recompute").old_logprobs_from_sampler
+    with pytest.raises(ConfigError, match="needs temperature > 0 and top_p 1"):
+        DAPOConfig(old_logprobs="sampler", top_p=0.9)
+    with pytest.raises(ConfigError, match="rollout_correction 'tis'"):
+        DAPOConfig(old_logprobs="sampler", rollout_engine="vllm")
+    assert DAPOConfig(old_logprobs="sampler", rollout_engine="vllm", rollout_correction="none").old_logprobs_from_sampler
