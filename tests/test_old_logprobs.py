@@ -19,7 +19,8 @@ from test_logprobs import make_batch
 
 
 def two_mini_batch_update(tiny, tokenizer, mode: str, shift: float = 0.0, stale_group: int | None = None,
-                          lr: float = 1e-3):
+                          lr: float = 1e-3) -> tuple[dict[int, float], int, dict[str, float], torch.nn.Module,
+                                                     TrainBatch]:
     """Actor.update on test_logprobs.make_batch (group 0: 4 responses, group 1: 3) with one group per
     mini-batch, mu 1. The sampler log-probs are the trainer's own (computed before the update) minus
     `shift`; `stale_group` is marked as carried over. Returns (objective by grad step, no-grad
@@ -106,8 +107,21 @@ def test_auto_resolution_and_refusals():
     assert not DAPOConfig(top_p=0.9).old_logprobs_from_sampler  # nucleus-renormalised log-probs
     assert not DAPOConfig(rollout_engine="vllm").old_logprobs_from_sampler  # other kernels: recompute + tis
     assert not DAPOConfig(old_logprobs="recompute").old_logprobs_from_sampler
+    assert not DAPOConfig(dtype="bfloat16").old_logprobs_from_sampler  # decode and packed forward round apart
+    assert DAPOConfig(dtype="bfloat16", old_logprobs="sampler").old_logprobs_from_sampler  # asked for: obeyed
     with pytest.raises(ConfigError, match="needs temperature > 0 and top_p 1"):
         DAPOConfig(old_logprobs="sampler", top_p=0.9)
     with pytest.raises(ConfigError, match="rollout_correction 'tis'"):
         DAPOConfig(old_logprobs="sampler", rollout_engine="vllm")
     assert DAPOConfig(old_logprobs="sampler", rollout_engine="vllm", rollout_correction="none").old_logprobs_from_sampler
+
+
+def test_auto_recomputes_under_fsdp_bf16_mixed_precision(tiny, tokenizer, monkeypatch):
+    """DAPO_FSDP_MIXED_PRECISION=bf16 trains in bf16 over fp32 weights, the sampler decodes in fp32:
+    'auto' then runs the recomputing forward (one, for the second mini-batch); an explicit 'sampler'
+    still skips it."""
+    from dapo.actor import MIXED_PRECISION_ENV
+    assert two_mini_batch_update(tiny, tokenizer, "auto")[1] == 0
+    monkeypatch.setenv(MIXED_PRECISION_ENV, "bf16")
+    assert two_mini_batch_update(tiny, tokenizer, "auto")[1] == 1
+    assert two_mini_batch_update(tiny, tokenizer, "sampler")[1] == 0

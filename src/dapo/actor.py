@@ -212,7 +212,9 @@ class Actor:
             # surplus group sampled before the last update), recomputed either way.
             old: dict[int, torch.Tensor] = {}
             ref: dict[int, torch.Tensor] = {}
-            if c.old_logprobs_from_sampler and batch.sampler_logprobs is not None:
+            # FSDP bf16 mixed precision trains in other numerics than the sampler's: auto recomputes
+            from_sampler = c.old_logprobs_from_sampler and not (c.old_logprobs == "auto" and mixed_precision())
+            if from_sampler and batch.sampler_logprobs is not None:
                 device = next(self.model.parameters()).device
                 later = [r for rows in rows_of[1:] for r in rows]
                 old = {r: batch.sampler_logprobs[r].to(device) for r in later if not batch.is_stale(r)}
@@ -335,13 +337,18 @@ def lr_lambda(c: DAPOConfig, total_steps: int) -> Callable[[int], float]:
 MIXED_PRECISION_ENV = "DAPO_FSDP_MIXED_PRECISION"
 
 
+def mixed_precision() -> bool:
+    """True when FSDP2 runs forward/backward in bf16 over fp32 parameters (docs/distributed.md)."""
+    return os.environ.get(MIXED_PRECISION_ENV) == "bf16"
+
+
 def shard_model(model: torch.nn.Module, config: DAPOConfig) -> None:
     """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, final norm, head), in
     place; the packed training forward is registered as an FSDP forward method (logprobs.py)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     kwargs = {}
-    if os.environ.get(MIXED_PRECISION_ENV) == "bf16":
+    if mixed_precision():
         # fp32 parameters and optimizer state, bf16 forward/backward, fp32 gradient reduction: the
         # GPU recipe of docs/distributed.md (untested here: no GPU was available)
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -147,7 +147,8 @@ class DAPOConfig:
         "from: 'recompute' runs a no-grad forward of the trainer over them; 'sampler' takes the rollout engine's "
         "log-probs of the sampled tokens, which with the same weights and numerics are the same numbers, and "
         "recomputes only surplus groups carried over from an earlier step; 'auto': sampler with the hf engine at "
-        "top_p 1 and temperature > 0, recompute otherwise.", group="loss")
+        "top_p 1, temperature > 0 and dtype float32 (no FSDP bf16 mixed precision), recompute otherwise.",
+        group="loss")
     rollout_is_cap: float = _f(2.0, "Truncation of the token importance weight of rollout_correction 'tis'.",
                                group="loss")
     rollout_mask_ratio: float = _f(3.0, "Sequence ratio above which rollout_correction 'mask' drops a response.",
@@ -302,7 +303,10 @@ class DAPOConfig:
         """old_logprobs with 'auto' resolved: True when the engine's log-probs serve as pi_old."""
         if self.old_logprobs != "auto":
             return self.old_logprobs == "sampler"
-        return self.rollout_engine == "hf" and self.top_p == 1.0 and self.temperature > 0
+        # float32 only: there the sampler's and the trainer's log-probs agree to ~1e-6; in bf16 the
+        # KV-cache decode and the packed forward round differently (~1e-2 per token), noise that
+        # would reach the ratio and its clipping. Unmeasured on a GPU, so bf16 recomputes.
+        return self.rollout_engine == "hf" and self.top_p == 1.0 and self.temperature > 0 and self.dtype == "float32"
 
     @property
     def correction(self) -> str:
