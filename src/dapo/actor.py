@@ -56,6 +56,9 @@ class Actor:
         self.world = distributed.world_size()
         if self.world > 1:
             shard_model(model, c)  # before the optimizer: it must hold the sharded parameters
+        # pi_old of the later mini-batches from the sampler (config.old_logprobs_from_sampler), except
+        # that 'auto' recomputes under FSDP bf16 mixed precision: the sampler decodes in fp32 there
+        self.old_from_sampler = c.old_logprobs_from_sampler and not (c.old_logprobs == "auto" and mixed_precision())
         # fused AdamW is 4x faster than the per-tensor loop on CPU (0.08 s vs 0.36 s a step for 135M).
         # Only trainable parameters (LoRA freezes the base weights): no optimizer state for the rest.
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr,
@@ -206,15 +209,13 @@ class Actor:
         with eager_memory_release(long):
             # Old-policy log-probs, needed from the second optimizer step on. The first mini-batch of
             # the first pass runs before any update, so its own forward gives them exactly (ratio 1).
-            # The others' come from a no-grad forward, or (config.old_logprobs_from_sampler: the hf
+            # The others' come from a no-grad forward, or (self.old_from_sampler: the hf
             # engine samples from these very weights, in the same precision) from the sampler's own
             # log-probs, which equal it up to float rounding: no forward, except for stale rows (a
             # surplus group sampled before the last update), recomputed either way.
             old: dict[int, torch.Tensor] = {}
             ref: dict[int, torch.Tensor] = {}
-            # FSDP bf16 mixed precision trains in other numerics than the sampler's: auto recomputes
-            from_sampler = c.old_logprobs_from_sampler and not (c.old_logprobs == "auto" and mixed_precision())
-            if from_sampler and batch.sampler_logprobs is not None:
+            if self.old_from_sampler and batch.sampler_logprobs is not None:
                 device = next(self.model.parameters()).device
                 later = [r for rows in rows_of[1:] for r in rows]
                 old = {r: batch.sampler_logprobs[r].to(device) for r in later if not batch.is_stale(r)}
@@ -224,7 +225,7 @@ class Actor:
                     most = int(distributed.all_reduce_floats([float(len(plan))], "max")[0])
                     plan = plan + [self.dummy()] * (most - len(plan))
                 old.update(self.logprobs(plan))
-                measured = set(rows_of[0]) | set(stale)  # rows whose trainer log-probs were computed
+                measured = set(rows_of[0])  # the fresh rows whose pi_old is the trainer's own forward
             else:
                 for plan in plans[1:]:
                     old.update(self.logprobs(plan))

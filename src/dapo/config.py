@@ -300,7 +300,8 @@ class DAPOConfig:
 
     @property
     def old_logprobs_from_sampler(self) -> bool:
-        """old_logprobs with 'auto' resolved: True when the engine's log-probs serve as pi_old."""
+        """old_logprobs with 'auto' resolved: True when the engine's log-probs serve as pi_old (the
+        Actor also recomputes under FSDP bf16 mixed precision, an environment setting)."""
         if self.old_logprobs != "auto":
             return self.old_logprobs == "sampler"
         # float32 only: there the sampler's and the trainer's log-probs agree to ~1e-6; in bf16 the
