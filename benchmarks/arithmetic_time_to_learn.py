@@ -83,7 +83,8 @@ def dapo_summary(run: Path) -> dict[str, Any]:
 
 def reward_probes(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Completions near each kind of edge of the numeric reward, scored by dapo's own function, so the
-    TRL script can check that dapo.rewards, imported there from src/, scores them the same. Chat-format completions, as TRL passes them."""
+    TRL script can check that dapo.rewards, imported there from src/, scores them the same. Chat-format
+    completions, as TRL passes them."""
     from dapo.rewards import numeric_reward
 
     probes = []

@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 
 from common import machine_line
-
 from dapo import DAPOConfig
-from dapo.models import default_model_dir
 from dapo.advantages import group_advantages
+from dapo.models import default_model_dir
 from dapo.trainer import Trainer
 
 BAR = 0.8

@@ -20,9 +20,8 @@ from common import machine_line
 
 
 def one_step(groups_n: int, G: int, shared: bool, budget: int, prompt_len: int, response_len: int) -> None:
-    from throughput import make_groups, train_pass
-
     from dapo.models import load_model
+    from throughput import make_groups, train_pass
 
     model = load_model("default")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)

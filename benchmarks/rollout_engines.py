@@ -22,7 +22,6 @@ import time
 import torch
 
 from common import machine_line, matmul_gflops
-
 from dapo.data import encode_prompt
 from dapo.models import default_model_dir, load_model, load_tokenizer
 from dapo.rollout import SamplingParams, generate

@@ -44,7 +44,6 @@ def child(name: str, repeats: int, lora: bool) -> None:
     import torch
 
     from common import default_model, synthetic_batch
-
     from dapo.actor import Actor
     from dapo.config import DAPOConfig
 

@@ -19,7 +19,6 @@ import time
 import torch
 
 from common import machine_line, matmul_gflops, synthetic_batch
-
 from dapo.logprobs import pack, pad_stack, plan_micro_batches, split_by_response, token_logprobs
 from dapo.loss import policy_loss
 from dapo.models import load_model

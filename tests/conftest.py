@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dapo.models import load_tokenizer, tiny_model
+from dapo.models import load_tokenizer
+from toy_run import tiny_model
 
 
 @pytest.fixture(scope="session")

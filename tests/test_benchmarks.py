@@ -5,12 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
-import long_responses  # noqa: E402
-import throughput  # noqa: E402
-from common import synthetic_batch  # noqa: E402
+import long_responses
+import throughput
+from common import synthetic_batch
 
 
 def test_synthetic_batch_shapes():

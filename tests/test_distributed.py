@@ -95,17 +95,32 @@ def test_two_ranks_resume_exact_and_with_one_rank(tiny_dir, tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "cut1")][-1] == "step-000002"
 
 
-def test_nproc_relaunches_under_torchrun(monkeypatch):
-    """`dapo train --nproc 2 ...` becomes torchrun with the same arguments, --nproc left out."""
+@pytest.mark.slow  # 20 s
+def test_an_error_in_rank_0s_evaluation_ends_every_rank_with_it(tiny_dir, tmp_path):
+    """Rank 0 evaluates alone. When that raises (a reward function that fails on held-out prompts,
+    at the evaluation after step 1), every rank ends with the same one-line error and step 1 is
+    saved; before, rank 0 went to a checkpoint broadcast while the other rank waited in the next
+    step's collective, until torchrun killed it."""
+    options = ["--model", str(tiny_dir), *toy_argv(), "--train-steps", "3", "--eval-every", "1", "--threads", "1",
+               "--output-dir", str(tmp_path / "run")]
+    failed = run(2, *options, TOY_EVAL_RAISES_AT="1")
+    assert failed.returncode != 0
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("dapo: error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], failed.stderr[-3000:]
+    assert "the held-out judge broke" in errors[0] and "judge" in errors[0]
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000001"]  # nothing trained is lost
+
+
+def test_nproc_runs_the_launcher(monkeypatch):
+    """`dapo train --nproc 2 ...` runs dapo.launch with the same arguments, --nproc left out."""
     import dapo.cli
+    import dapo.launch
 
     calls = []
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(dapo.cli.os, "execv", lambda exe, argv: calls.append(argv) or sys.exit(0))
-    with pytest.raises(SystemExit):
-        dapo.cli.main(["train", "--nproc", "2", "--lr", "1e-5", "--train-steps", "2"])
-    assert calls == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                      "dapo.cli", "train", "--lr", "1e-5", "--train-steps", "2"]]
+    monkeypatch.setattr(dapo.launch, "launch", lambda *args: calls.append(args) or 0)
+    assert dapo.cli.main(["train", "--nproc", "2", "--lr", "1e-5", "--train-steps", "2"]) == 0
+    assert calls == [(2, ["train", "--lr", "1e-5", "--train-steps", "2"], None)]
     assert dapo.cli.without_nproc(["train", "--nproc=2", "--lr", "1"]) == ["train", "--lr", "1"]
 
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import dapo.actor
+import dapo.build
 import dapo.checkpoint
+import dapo.metrics
 import dapo.trainer
 from dapo import DAPOConfig
 from dapo.checkpoint import list_checkpoints
@@ -25,7 +27,7 @@ from toy_run import TOY_OPTIONS, fails_with, toy_task, train
 
 
 def use_toy_task(monkeypatch) -> None:
-    monkeypatch.setattr(dapo.trainer, "build_task", lambda config: toy_task(config.task))
+    monkeypatch.setattr(dapo.build, "build_task", lambda config, **_: toy_task(config.task))
 
 
 # --- bad inputs -----------------------------------------------------------------------------
@@ -46,7 +48,7 @@ def test_dynamic_sampling_exhausted(tiny_dir, tmp_path, capsys):
 
 def test_nan_reward(tiny_dir, tmp_path, capsys, monkeypatch):
     nan_task = Task("nan", [{"prompt": "Hi"}], [], {"broken": lambda prompts, completions, **_: [math.nan] * 2})
-    monkeypatch.setattr(dapo.trainer, "build_task", lambda config: nan_task)
+    monkeypatch.setattr(dapo.build, "build_task", lambda config, **_: nan_task)
     fails_with(train(tiny_dir, tmp_path), capsys, "reward function 'broken' returned nan for completion 0")
 
 
@@ -95,7 +97,7 @@ def test_os_error_becomes_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
     def full(self, step, metrics):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
 
-    monkeypatch.setattr(dapo.trainer.MetricsLogger, "log", full)
+    monkeypatch.setattr(dapo.metrics.MetricsLogger, "log", full)
     fails_with(train(tiny_dir, tmp_path), capsys, f"No space left on device ({tmp_path / 'metrics.jsonl'})")
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from dapo.batch import TrainBatch
 from dapo.logprobs import pack, pad_stack, plan_micro_batches, split_by_response, token_logprobs
 from dapo.loss import policy_loss
-from dapo.batch import TrainBatch
 
 
 def batch_of(prompts: list[list[int]], responses: list[list[list[int]]], advantages: torch.Tensor) -> TrainBatch:

@@ -4,23 +4,25 @@ choice and gradient checkpointing all leave log-probs and gradients unchanged.""
 import pytest
 import torch
 
+from dapo.batch import TrainBatch
 from dapo.logprobs import (
     CHECKPOINT_AUTO_TOKENS,
-    chunked_logprobs,
     choose_layout,
+    chunked_logprobs,
     gradient_checkpointing_is_on,
     layout_costs,
     pack,
     pack_rows,
-    plan_micro_batches as plan_batch,
     set_gradient_checkpointing,
     split_by_response,
     token_logprobs,
     wants_checkpointing,
 )
-from dapo.models import tiny_model
-from dapo.batch import TrainBatch
+from dapo.logprobs import (
+    plan_micro_batches as plan_batch,
+)
 from dapo.rollout import generate
+from toy_run import tiny_model
 
 
 class Group:

@@ -18,10 +18,9 @@ from dapo import DAPOConfig
 from dapo.checkpoint import list_checkpoints, verify_checkpoint
 from dapo.errors import ConfigError, TrainingInterrupted
 from dapo.lora import ADAPTER_DIR, adapters_disabled, apply_lora, lora_layers, merged_state_dict
-from dapo.models import tiny_model
 from dapo.resume import find_checkpoint
 from dapo.trainer import Trainer
-from toy_run import TOY_OPTIONS, toy_task
+from toy_run import TOY_OPTIONS, tiny_model, toy_task
 
 LORA = dict(lora_rank=4, lora_alpha=8.0, lr=1e-2)
 

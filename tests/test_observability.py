@@ -14,13 +14,21 @@ from dapo import DAPOConfig
 from dapo.cli import main
 from dapo.errors import ConfigError
 from dapo.metrics import read_evals, read_jsonl, read_metrics
-from dapo.models import tiny_model
 from dapo.plot import PANELS, load_run, points, render
-from dapo.progress import (PlainProgress, RichProgress, eta_seconds, format_duration, make_progress, print_summary,
-                           step_line, summary_rows)
+from dapo.progress import (
+    PlainProgress,
+    RichProgress,
+    eta_seconds,
+    format_duration,
+    make_progress,
+    print_summary,
+    step_line,
+    summary_rows,
+)
 from dapo.tasks import Task
 from dapo.trackers import make_trackers, scalars
 from dapo.trainer import Trainer
+from toy_run import tiny_model
 
 
 def vowel_reward(prompts, completions, **_):
@@ -149,7 +157,7 @@ def test_formatting_helpers():
 
 
 def test_summary_table_off_terminal(tmp_path):
-    rows = summary_rows(6, 42.0, [{"reward_mean": 0.9, "accuracy": 0.8}], {"avg@32": 0.1}, {"avg@32": 0.9},
+    rows = summary_rows(6, 42.0, [{"step": 6, "reward_mean": 0.9, "accuracy": 0.8}], {"avg@32": 0.1}, {"avg@32": 0.9},
                         tmp_path / "checkpoints" / "step-000006", tmp_path)
     buf = io.StringIO()
     print_summary(rows, buf)
@@ -157,6 +165,22 @@ def test_summary_table_off_terminal(tmp_path):
     assert "\x1b[" not in text
     for needle in ("train steps", "0:42", "0.900", "0.100 before -> 0.900 after", "step-000006", f"dapo plot {tmp_path}"):
         assert needle in text, needle
+
+
+def test_summary_reports_what_the_last_sampling_step_sampled(tmp_path):
+    """The default run stops as solved at step 10 after 320 of 320 correct answers, and its step 9
+    trained on a group carried over from step 8 (sampling nothing): the summary's final accuracy is
+    step 10's 1.000, not the carried group's 0.125."""
+    metrics = [{"step": 8, "reward_mean": 0.78, "accuracy": 0.5},
+               {"step": 9, "reward_mean": None, "accuracy": None, "batch_reward_mean": 0.9, "batch_accuracy": 0.125}]
+    rows = dict(summary_rows(9, 30.0, metrics, {}, {}, "ckpt", tmp_path,
+                             stopped={"step": 10, "reward_mean": 1.0, "accuracy": 1.0}))
+    assert rows["final train accuracy (sampled at step 10, stopped as solved)"] == "1.000"
+    assert rows["final reward (mean, sampled at step 10, stopped as solved)"] == "1.000"
+    rows = dict(summary_rows(9, 30.0, metrics, {}, {}, "ckpt", tmp_path))  # ran out of steps: the last that sampled
+    assert rows["final train accuracy (sampled at step 8)"] == "0.500"
+    line = step_line(9, 12, metrics[1], None)
+    assert "carried over: batch reward 0.900" in line and "acc" not in line
 
 
 # --- trackers ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""pi_old from the rollout engine's own log-probs (old_logprobs 'sampler'): the same update as the
+"""pi_old from the rollout engine's own log-probs (old_logprobs 'engine'): the same update as the
 recomputing forward when the two agree, no forward for fresh rows, a forward for stale rows (surplus
 groups sampled before the last update), the ratio against the sampler's numbers worked by hand, and
 the config's resolution and refusals."""
@@ -19,7 +19,7 @@ from test_logprobs import make_batch
 
 
 def two_mini_batch_update(tiny, tokenizer, mode: str, shift: float = 0.0, stale_group: int | None = None,
-                          lr: float = 1e-3) -> tuple[dict[int, float], int, dict[str, float], torch.nn.Module,
+                          lr: float = 1e-3, **config) -> tuple[dict[int, float], int, dict[str, float], torch.nn.Module,
                                                      TrainBatch]:
     """Actor.update on test_logprobs.make_batch (group 0: 4 responses, group 1: 3) with one group per
     mini-batch, mu 1. The sampler log-probs are the trainer's own (computed before the update) minus
@@ -29,10 +29,10 @@ def two_mini_batch_update(tiny, tokenizer, mode: str, shift: float = 0.0, stale_
     if stale_group is not None:
         batch.stale = batch.group == stale_group
     model = copy.deepcopy(tiny)
-    config = DAPOConfig(old_logprobs=mode, mu=1, train_batch_size=2, mini_batch_size=1, lr=lr, threads=2)
+    config = DAPOConfig(old_logprobs=mode, mu=1, train_batch_size=2, mini_batch_size=1, lr=lr, threads=2, **config)
     actor = Actor(model, config, pad_id=2)
     own = actor.logprobs(actor.pack(batch, list(range(len(batch))), batch.loss_mask(False)))
-    batch.sampler_logprobs = [own[r] - shift for r in range(len(batch))]
+    batch.engine_logprobs = [own[r] - shift for r in range(len(batch))]
     forwards = []
     real = actor.logprobs
     actor.logprobs = lambda plan, model=None: forwards.extend(p for p in plan if p.owner) or real(plan, model)
@@ -50,7 +50,7 @@ def token_mean_advantage(batch: TrainBatch, group: int, ratio: float = 1.0) -> f
 
 def test_sampler_log_probs_equal_to_the_trainer_give_the_recomputed_update(tiny, tokenizer):
     obj_r, fwd_r, m_r, model_r, _ = two_mini_batch_update(tiny, tokenizer, "recompute")
-    obj_s, fwd_s, m_s, model_s, _ = two_mini_batch_update(tiny, tokenizer, "sampler")
+    obj_s, fwd_s, m_s, model_s, _ = two_mini_batch_update(tiny, tokenizer, "engine")
     # recompute: one no-grad forward for the second mini-batch; sampler: none
     assert (fwd_r, fwd_s) == (1, 0)
     assert obj_s[1] == pytest.approx(obj_r[1], abs=1e-6) and obj_s[2] == pytest.approx(obj_r[2], abs=1e-6)
@@ -65,25 +65,25 @@ def test_the_second_mini_batch_ratio_is_taken_against_the_sampler(tiny, tokenize
     0.1 below the trainer's: the first mini-batch uses its own forward (ratio 1, objective
     sum(A * len) / N of group 0); the second, fresh, takes the sampler's (ratio e^0.1, inside the
     clip range [0.8, 1.28]: objective e^0.1 * sum(A * len) / N of group 1)."""
-    obj, forwards, m, _, batch = two_mini_batch_update(tiny, tokenizer, "sampler", shift=0.1, lr=1e-30)
+    obj, forwards, m, _, batch = two_mini_batch_update(tiny, tokenizer, "engine", shift=0.1, lr=1e-30)
     assert forwards == 0
     assert obj[1] == pytest.approx(token_mean_advantage(batch, 0), rel=1e-5)
     assert obj[2] == pytest.approx(token_mean_advantage(batch, 1, math.exp(0.1)), rel=1e-5)
     assert m["mismatch_max_abs"] == pytest.approx(0.1, abs=1e-4)  # measured on group 0 (own forward)
     rows1 = [r for r in range(len(batch)) if int(batch.group[r]) == 1]
-    assert batch.old_logprobs[rows1[0]].tolist() == pytest.approx(batch.sampler_logprobs[rows1[0]].tolist())
+    assert batch.old_logprobs[rows1[0]].tolist() == pytest.approx(batch.engine_logprobs[rows1[0]].tolist())
 
 
 def test_stale_rows_are_recomputed(tiny, tokenizer):
     """Group 1 carried over from an earlier step: its sampler log-probs are another policy's, so the
     trainer recomputes them (one forward of its 3 rows) and the ratio is 1 again; a stale row does
     not count in the mismatch metric."""
-    obj, forwards, m, _, batch = two_mini_batch_update(tiny, tokenizer, "sampler", shift=0.1, stale_group=1,
+    obj, forwards, m, _, batch = two_mini_batch_update(tiny, tokenizer, "engine", shift=0.1, stale_group=1,
                                                        lr=1e-30)
     assert forwards == 1
     assert obj[2] == pytest.approx(token_mean_advantage(batch, 1), rel=1e-5)
     # group 0 stale too: first mini-batch, own forward, and no fresh row is left to measure
-    obj, forwards, m, _, batch = two_mini_batch_update(tiny, tokenizer, "sampler", shift=0.1, stale_group=0,
+    obj, forwards, m, _, batch = two_mini_batch_update(tiny, tokenizer, "engine", shift=0.1, stale_group=0,
                                                        lr=1e-30)
     assert forwards == 0 and obj[1] == pytest.approx(token_mean_advantage(batch, 0), rel=1e-5)
     assert obj[2] == pytest.approx(token_mean_advantage(batch, 1, math.exp(0.1)), rel=1e-5)
@@ -103,25 +103,43 @@ def test_stale_column_through_cat_and_select():
 
 
 def test_auto_resolution_and_refusals():
-    assert DAPOConfig().old_logprobs_from_sampler  # hf engine, top_p 1, temperature 1
-    assert not DAPOConfig(top_p=0.9).old_logprobs_from_sampler  # nucleus-renormalised log-probs
-    assert not DAPOConfig(rollout_engine="vllm").old_logprobs_from_sampler  # other kernels: recompute + tis
-    assert not DAPOConfig(old_logprobs="recompute").old_logprobs_from_sampler
-    assert not DAPOConfig(dtype="bfloat16").old_logprobs_from_sampler  # decode and packed forward round apart
-    assert DAPOConfig(dtype="bfloat16", old_logprobs="sampler").old_logprobs_from_sampler  # asked for: obeyed
+    assert DAPOConfig().old_logprobs_from_engine  # hf engine, top_p 1, temperature 1
+    assert not DAPOConfig(top_p=0.9).old_logprobs_from_engine  # nucleus-renormalised log-probs
+    assert not DAPOConfig(rollout_engine="vllm").old_logprobs_from_engine  # other kernels: recompute + tis
+    assert not DAPOConfig(old_logprobs="recompute").old_logprobs_from_engine
+    assert not DAPOConfig(dtype="bfloat16").old_logprobs_from_engine  # decode and packed forward round apart
+    assert DAPOConfig(dtype="bfloat16", old_logprobs="engine").old_logprobs_from_engine  # asked for: obeyed
     with pytest.raises(ConfigError, match="needs temperature > 0 and top_p 1"):
-        DAPOConfig(old_logprobs="sampler", top_p=0.9)
+        DAPOConfig(old_logprobs="engine", top_p=0.9)
     with pytest.raises(ConfigError, match="rollout_correction 'tis'"):
-        DAPOConfig(old_logprobs="sampler", rollout_engine="vllm")
-    assert DAPOConfig(old_logprobs="sampler", rollout_engine="vllm", rollout_correction="none").old_logprobs_from_sampler
+        DAPOConfig(old_logprobs="engine", rollout_engine="vllm")
+    assert DAPOConfig(old_logprobs="engine", rollout_engine="vllm", rollout_correction="none").old_logprobs_from_engine
 
 
-def test_auto_recomputes_under_fsdp_bf16_mixed_precision(tiny, tokenizer, monkeypatch):
-    """DAPO_FSDP_MIXED_PRECISION=bf16 trains in bf16 over fp32 weights, the sampler decodes in fp32:
-    'auto' then runs the recomputing forward (one, for the second mini-batch); an explicit 'sampler'
+def test_auto_recomputes_under_fsdp_bf16_mixed_precision(tiny, tokenizer):
+    """fsdp_mixed_precision bf16 trains in bf16 over fp32 weights, the engine decodes in fp32:
+    'auto' then runs the recomputing forward (one, for the second mini-batch); an explicit 'engine'
     still skips it."""
-    from dapo.actor import MIXED_PRECISION_ENV
     assert two_mini_batch_update(tiny, tokenizer, "auto")[1] == 0
-    monkeypatch.setenv(MIXED_PRECISION_ENV, "bf16")
-    assert two_mini_batch_update(tiny, tokenizer, "auto")[1] == 1
-    assert two_mini_batch_update(tiny, tokenizer, "sampler")[1] == 0
+    assert two_mini_batch_update(tiny, tokenizer, "auto", fsdp_mixed_precision="bf16")[1] == 1
+    assert two_mini_batch_update(tiny, tokenizer, "engine", fsdp_mixed_precision="bf16")[1] == 0
+
+
+def test_the_old_environment_variable_is_refused_not_ignored(monkeypatch):
+    """DAPO_FSDP_MIXED_PRECISION changed numerics without being saved with the run; it is now a
+    config field, and a run that still sets the variable stops with one message naming the field."""
+    from dapo.build import build
+    from dapo.errors import ConfigError
+    from dapo.reporting import Reporter
+
+    monkeypatch.setenv("DAPO_FSDP_MIXED_PRECISION", "bf16")
+    with pytest.raises(ConfigError, match="fsdp_mixed_precision: bf16"):
+        build(DAPOConfig(), Reporter())
+
+
+def test_mixed_precision_is_saved_and_a_change_refused_on_resume():
+    from dapo.config import run_changing_differences
+
+    assert run_changing_differences(DAPOConfig(), DAPOConfig(fsdp_mixed_precision="bf16")) == [
+        "fsdp_mixed_precision: 'none' -> 'bf16'"]
+    assert DAPOConfig.from_dict(DAPOConfig(fsdp_mixed_precision="bf16").to_dict()).fsdp_mixed_precision == "bf16"

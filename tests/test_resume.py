@@ -77,7 +77,7 @@ def test_cli_sigkill_during_checkpoint_then_sigterm_then_resume(tiny_dir, refere
     run = tmp_path / "run"
     # SIGKILL once the weights of checkpoint 2 are written, before the rest: checkpoint 1 stays the newest.
     killed = cli("train", "--model", str(tiny_dir), *toy_argv(), "--output-dir", str(run), "--save-every", "1",
-                 env={"DAPO_FAULT_AFTER_FILES": "2", "DAPO_FAULT_STEP": "2"})
+                 env={"TOY_KILL_WRITING_CHECKPOINT": "2"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert [p.name for p in list_checkpoints(run)] == ["step-000001"]
     assert list((run / "checkpoints").glob(".tmp-step-000002-*/model.safetensors"))  # the half-written one

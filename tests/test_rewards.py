@@ -57,8 +57,15 @@ def test_reward_wrong_count_and_raise():
 import threading  # noqa: E402
 import time  # noqa: E402
 
-from dapo.rewards import (as_completions, build_reward_functions, combine, exact_match_reward,  # noqa: E402
-                          load_reward_function, math_reward, numeric_reward)
+from dapo.rewards import (  # noqa: E402
+    as_completions,
+    build_reward_functions,
+    combine,
+    exact_match_reward,
+    load_reward_function,
+    math_reward,
+    numeric_reward,
+)
 
 
 def test_exact_match_and_numeric_by_hand():

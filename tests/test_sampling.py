@@ -105,9 +105,11 @@ def test_surplus_groups_open_the_next_step_exactly_once(tokenizer, tiny, tmp_pat
     second, s2 = run.collect_batch()  # the surplus group fills this step: no generation at all
     assert (s2["gen_rounds"], s2["groups_carried_over"], len(calls)) == (0, 1, 3)  # 3 prompts, 1 round
     assert second.stale.all()  # sampled before the first update: the Actor recomputes its pi_old
-    # a step that sampled nothing reports its train batch, not a reward of 0
-    assert (s2["gen_tokens"], s2["reward_mean"]) == (0, pytest.approx(float(second.rewards.mean())))
-    assert s2["reward_mean"] > 0
+    # a step that sampled nothing has no sampled statistics (null, a gap in the curves: neither a
+    # reward of 0 nor the carried group's numbers read as this step's); its batch's are labelled so
+    assert (s2["gen_tokens"], s2["reward_mean"], s2["accuracy"], s2["response_length_mean"]) == (0, None, None, None)
+    assert s2["batch_reward_mean"] == pytest.approx(float(second.rewards.mean())) and s2["batch_reward_mean"] > 0
+    assert s2["batch_accuracy"] == pytest.approx(float(second.correct.mean()))
     assert set(group_prompts(run, first) + group_prompts(run, second)) == {"mixed a", "mixed b"}
     third, s3 = run.collect_batch()  # buffer empty again: a new round (second epoch of the data)
     assert (s3["gen_rounds"], s3["groups_carried_over"], s3["prompts_consumed"], s3["data_epoch"]) == (1, 0, 6, 1)

@@ -24,7 +24,8 @@ from dapo.trainer import Trainer
 # --- TrainBatch ------------------------------------------------------------------------------------
 def small_batch(groups: int = 3, g: int = 2) -> TrainBatch:
     n = groups * g
-    return TrainBatch(group=torch.arange(groups).repeat_interleave(g), prompt_index=torch.arange(groups).repeat_interleave(g) + 10,
+    return TrainBatch(group=torch.arange(groups).repeat_interleave(g),
+                      prompt_index=torch.arange(groups).repeat_interleave(g) + 10,
                       prompt_ids=[[1, 2, k] for k in range(groups) for _ in range(g)],
                       response_ids=[[5] * (i + 1) for i in range(n)], truncated=torch.zeros(n, dtype=torch.bool),
                       completions=[str(i) for i in range(n)], scores=torch.arange(n, dtype=torch.float)[:, None],
@@ -133,7 +134,7 @@ def test_actor_train_step_does_not_depend_on_the_micro_batch_split(tokenizer, ti
         actor.optimizer.step = step
         plan = actor.pack(batch, rows, keep)
         old = {r: t - 0.05 for r, t in actor.logprobs(plan).items()}
-        result = actor.train_step(plan, batch.advantages, old, {}, num_tokens=int(batch.lengths.sum()),
+        result = actor.optimizer_step(plan, batch.advantages, old, {}, num_tokens=int(batch.lengths.sum()),
                                   num_seqs=len(batch), with_entropy=True)
         results[budget] = (len(plan), result, grads, actor.optimizer_steps)
     (n1, s1, g1, steps1), (n2, s2, g2, steps2) = results[4096], results[16]

@@ -17,8 +17,7 @@ import dapo
 from dapo import DAPOConfig, RewardFunction
 from dapo.errors import DataError, RewardError
 from dapo.metrics import read_evals, read_metrics
-from dapo.rewards import (TrainerState, all_none_warning, as_reward_functions, call_reward, check_reward_values,
-                          combine)
+from dapo.rewards import TrainerState, all_none_warning, as_reward_functions, call_reward, check_reward_values, combine
 from dapo.scorer import RewardScorer, score_completions, score_group
 from dapo.tasks import build_task
 
@@ -157,7 +156,8 @@ def test_accuracy_reward_names_another_function_and_data_needs_no_config_reward(
     row = read_metrics(tmp_path / "run")[-1]
     assert row["accuracy"] == 1.0 and row["reward_mean"] == 0.0  # weight 0 on "second"
     with pytest.raises(DataError, match="accuracy_reward 'nope' names none of the reward functions"):
-        dapo.train(config.replace(accuracy_reward="nope", reward_weights=[], output_dir=str(tmp_path / "run2")), reward_fns=[zero], model=tiny, tokenizer=tokenizer)
+        dapo.train(config.replace(accuracy_reward="nope", reward_weights=[], output_dir=str(tmp_path / "run2")),
+                   reward_fns=[zero], model=tiny, tokenizer=tokenizer)
 
 
 def test_readme_documents_train_arguments_and_train_result():
@@ -285,16 +285,20 @@ def test_math_reward_prints_no_timeout_warning_in_workers(capfd):
     assert "Timeout is disabled" not in out + err
 
 
-def test_system_prompt_with_a_system_message_warns_once(capsys, monkeypatch):
+def test_system_prompt_with_a_system_message_warns_once_per_run(capsys):
+    """The run's Reporter says it once however many prompts have their own system message, and a
+    second run in the same process is told again (the once-per-run state is the run's, not global)."""
     from dapo import data
+    from dapo.reporting import Reporter
 
-    monkeypatch.setitem(data._WARNED, "system_prompt", False)
     chat = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]
-    assert data.to_messages(chat, "Be kind.")[0]["content"] == "Be terse."  # the data's own wins
-    assert data.to_messages(chat, "Be kind.")[0]["content"] == "Be terse."
-    assert data.to_messages("hi", "Be kind.")[0] == {"role": "system", "content": "Be kind."}
+    for _ in range(2):  # two runs in one process
+        warn = Reporter().once("system_prompt")
+        assert data.to_messages(chat, "Be kind.", warn)[0]["content"] == "Be terse."  # the data's own wins
+        assert data.to_messages(chat, "Be kind.", warn)[0]["content"] == "Be terse."
+        assert data.to_messages("hi", "Be kind.", warn)[0] == {"role": "system", "content": "Be kind."}
     err = capsys.readouterr().err
-    assert err.count("--system-prompt is not used") == 1 and "'Be terse.'" in err
+    assert err.count("--system-prompt is not used") == 2 and "'Be terse.'" in err
 
 
 def test_an_error_in_evaluation_names_the_users_function(tokenizer, tiny):

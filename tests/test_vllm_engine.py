@@ -13,11 +13,11 @@ import torch
 
 pytest.importorskip("vllm")
 
-from dapo.data import encode_prompt  # noqa: E402
-from dapo.logprobs import Segment, pack, split_by_response, token_logprobs  # noqa: E402
-from dapo.models import default_model_dir, load_model, stop_token_ids  # noqa: E402
-from dapo.rollout import Samples, SamplingParams  # noqa: E402
-from dapo.vllm_engine import VLLMEngine, VLLMError  # noqa: E402
+from dapo.data import encode_prompt
+from dapo.engines import Samples, SamplingParams
+from dapo.logprobs import Segment, pack, split_by_response, token_logprobs
+from dapo.models import default_model_dir, load_model, stop_token_ids
+from dapo.vllm_engine import VLLMEngine, VLLMError
 
 DIGIT = "What number between 0 and 9 am I thinking of right now? You MUST ONLY answer with a single integer."
 STORY = "Write a short story about a lighthouse keeper."
@@ -134,11 +134,12 @@ def test_model_eos_ignored_unless_listed(engine, prompts, stops):
 
 def test_seeded_reproducible(engine, prompts, stops):
     sp = SamplingParams(max_new_tokens=8, stop_token_ids=stops)
-    calls = engine.calls
+    state = engine.state_dict()  # what a checkpoint keeps: the call counter
     first = engine.generate(prompts, 4, sp)
     second = engine.generate(prompts, 4, sp)
     assert [s.response_ids for s in first] != [s.response_ids for s in second], "each call must draw new samples"
-    engine.calls = calls  # same engine seed, same call number: the same samples
+    assert engine.state_dict() == {"calls": state["calls"] + 2}
+    engine.load_state_dict(state)  # same engine seed, same call number (a resumed run): the same samples
     again = engine.generate(prompts, 4, sp)
     assert [s.response_ids for s in again] == [s.response_ids for s in first]
     assert [s.logprobs for s in again] == [s.logprobs for s in first]
@@ -186,11 +187,11 @@ def test_sync_weights_follows_the_model(engine, hf, prompts, stops):
     log-probs are the perturbed model's; restore, sync again, and the old log-probs come back."""
     sp = SamplingParams(max_new_tokens=16, stop_token_ids=stops)
     original = {k: v.clone() for k, v in hf.state_dict().items()}
-    base_call = engine.calls
+    base_state = engine.state_dict()
     base = engine.generate(prompts[1:], 4, sp)[0]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in hf.named_parameters():
+        for p in hf.parameters():
             if p.ndim == 2:
                 p.add_(torch.randn(p.shape, generator=g) * 0.2 * p.std())
     try:
@@ -204,9 +205,10 @@ def test_sync_weights_follows_the_model(engine, hf, prompts, stops):
         assert max_abs_diff(new.logprobs, hf_logprobs(hf, prompts[1], new.response_ids)) > 0.05
         # Weight names of a wrapped model (torch.compile's `_orig_mod.` prefix) are mapped back.
         engine.sync_weights(torch.compile(hf))
-        calls, engine.calls = engine.calls, base_call  # replay the call that produced `base`
+        state = engine.state_dict()
+        engine.load_state_dict(base_state)  # replay the call that produced `base`
         again = engine.generate(prompts[1:], 4, sp)[0]
-        engine.calls = calls
+        engine.load_state_dict(state)
         assert again.response_ids == base.response_ids
         assert max_abs_diff(again.logprobs, base.logprobs) < 1e-4
     finally:

@@ -1,18 +1,24 @@
 """Training with --rollout-engine vllm (CPU, fp32): two steps on the default model, the engine's
-weights synced after each step, and the train-inference mismatch of fp32 below 1e-3. Runs in the
-vLLM virtualenv (.ci/vllm.sh); skipped where vLLM is not installed."""
+weights synced after each step, and the train-inference mismatch of fp32 below 1e-3; and `dapo eval
+--rollout-engine vllm` end to end. Runs in the vLLM virtualenv (.ci/vllm.sh); skipped where vLLM
+is not installed."""
 
 from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 pytest.importorskip("vllm")
 
-from dapo import DAPOConfig  # noqa: E402
-from dapo.models import load_model, load_tokenizer  # noqa: E402
-from dapo.rollout import SamplingParams, make_engine  # noqa: E402
-from dapo.trainer import Trainer  # noqa: E402
+from dapo import DAPOConfig
+from dapo.engines import SamplingParams, make_engine
+from dapo.models import load_model, load_tokenizer
+from dapo.trainer import Trainer
 
 
 def length_reward(prompts, completions, **_):
@@ -44,8 +50,8 @@ def test_two_vllm_steps_sync_weights_and_match_the_trainer(tmp_path, lora_rank):
         for row in result.metrics:  # fp32 on CPU: the engine's log-probs are the trainer's
             assert row["mismatch_kl"] < 1e-3 and row["mismatch_max_abs"] < 1e-2, row
         # After the last update, the engine samples from the trained weights, not the base ones.
-        prompt = trainer.prompt_ids[0]
-        samples = engine.generate([prompt], 4, SamplingParams(8, 1.0, 1.0, tuple(trainer.stop_ids)))[0]
+        prompt = trainer.parts.prompt_ids[0]
+        samples = engine.generate([prompt], 4, SamplingParams(8, 1.0, 1.0, tuple(trainer.parts.stop_ids)))[0]
         model.eval()
         moved = 0.0
         for response, engine_lp in zip(samples.response_ids, samples.logprobs):
@@ -55,3 +61,17 @@ def test_two_vllm_steps_sync_weights_and_match_the_trainer(tmp_path, lora_rank):
         assert moved > 1e-2  # the update moved these log-probs far more than the engine's tolerance
     finally:
         engine.close()
+
+
+def test_eval_cli_closes_the_engine_and_keeps_vllm_logs_off_the_console():
+    """`dapo eval --rollout-engine vllm` closes its engine before exit: left to vLLM's finalizer at
+    interpreter exit, its shutdown raised "Invalid process group specified" (a traceback after the
+    results, exit code 0). vLLM's start-up INFO/WARNING records stay off stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOGGING")}  # the CLI's own defaults
+    run = subprocess.run([sys.executable, "-m", "dapo.cli", "eval", "--rollout-engine", "vllm", "--eval-samples", "2",
+                          "--max-eval-prompts", "2", "--vllm-kv-cache-gb", "0.25"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"^all\s+\d+\s", run.stdout, re.M), run.stdout  # the results table
+    assert not re.search(r"Traceback|Error", run.stderr), run.stderr[-3000:]
+    assert not re.search(r"\b(INFO|WARNING)\b", run.stdout), run.stdout

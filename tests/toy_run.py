@@ -9,6 +9,9 @@ no way to name a reward function), and with one fault to inject:
     TOY_SIGNAL_RANK=R          under torchrun, only rank R injects that signal.
     TOY_ENGINE=fixed           responses are a fixed function of the prompt (FixedEngine), so runs
                                with different numbers of ranks train on identical batches.
+    TOY_KILL_WRITING_CHECKPOINT=N  SIGKILL while checkpoint N is half written.
+    TOY_EVAL_RAISES_AT=N       the task has held-out prompts, and its accuracy function raises on
+                               them from train step N on (an error in rank 0's evaluation).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dapo.models import tiny_model
+import torch
+
+from dapo.engines import RolloutEngine, Samples
 from dapo.tasks import Task
 
 PROMPTS = [{"prompt": f"Say a word that starts with letter {c}."} for c in "abcde"]
@@ -47,7 +52,18 @@ def toy_task(name: str = "toy") -> Task:
                 time.sleep(0.5)  # two signals sent at once would merge into one
         return [float(len(c) % 3) for c in completions]
 
-    return Task("toy", PROMPTS, [], {"length": length_reward})
+    if not os.environ.get("TOY_EVAL_RAISES_AT"):
+        return Task("toy", PROMPTS, [], {"length": length_reward})
+
+    def judge(prompts, completions, trainer_state, **_):
+        """Correct at 2 characters mod 3 on training prompts; raises on held-out ones once the run
+        has trained TOY_EVAL_RAISES_AT steps."""
+        if trainer_state.global_step >= int(os.environ["TOY_EVAL_RAISES_AT"]) and any("digit" in p for p in prompts):
+            raise ValueError("the held-out judge broke")
+        return [float(len(c) % 3 == 2) for c in completions]
+
+    held_out = [{"prompt": f"Say a word that starts with digit {d}."} for d in "12"]
+    return Task("toy", PROMPTS, held_out, {"length": length_reward, "judge": judge}, judge, "judge")
 
 
 # Options shared by every resume test: fixed rounds of gen_batch_size > train_batch_size leave
@@ -59,7 +75,7 @@ TOY_OPTIONS = dict(group_size=4, max_new_tokens=3, train_batch_size=2, gen_batch
                    eval_samples=2, refill="rounds")
 
 
-class FixedEngine:
+class FixedEngine(RolloutEngine):
     """A rollout engine whose G responses depend only on the prompt: 1 to 3 tokens then a stop
     token, so the toy reward (characters mod 3) differs within a group."""
 
@@ -67,8 +83,6 @@ class FixedEngine:
         pass
 
     def generate(self, prompt_ids, n, sampling):
-        from dapo.rollout import Samples
-
         out = []
         for p in prompt_ids:
             base = sum(p) * 7
@@ -79,6 +93,18 @@ class FixedEngine:
 
     def sync_weights(self, model) -> None:
         pass
+
+
+def tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 64) -> torch.nn.Module:
+    """A randomly initialised Llama with the given vocabulary, for fast tests and examples."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=2)
+    return LlamaForCausalLM(cfg)
 
 
 def save_tiny_model(path: Path, tokenizer: Any) -> Path:
@@ -115,11 +141,28 @@ def toy_argv() -> list[str]:
     return out
 
 
+def kill_while_writing_checkpoint(step: int) -> None:
+    """SIGKILL this process while it writes checkpoint `step`: after its weights and tokenizer,
+    before its config, trainer state and COMPLETE marker (the fault the resume tests survive)."""
+    from dapo.config import DAPOConfig
+
+    real = DAPOConfig.to_yaml
+
+    def to_yaml(self, path):
+        if Path(path).parent.name.startswith(f".tmp-step-{step:06d}-"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, path)
+
+    DAPOConfig.to_yaml = to_yaml
+
+
 if __name__ == "__main__":
-    import dapo.trainer
+    import dapo.build
     from dapo.cli import main
 
-    dapo.trainer.build_task = lambda config: toy_task(config.task)
+    dapo.build.build_task = lambda config, **_: toy_task(config.task)
     if os.environ.get("TOY_ENGINE") == "fixed":
-        dapo.trainer.make_engine = lambda config, model, pad_id: FixedEngine()
+        dapo.build.make_engine = lambda config, model, pad_id: FixedEngine()
+    if os.environ.get("TOY_KILL_WRITING_CHECKPOINT"):
+        kill_while_writing_checkpoint(int(os.environ["TOY_KILL_WRITING_CHECKPOINT"]))
     sys.exit(main(sys.argv[1:]))

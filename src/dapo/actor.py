@@ -8,8 +8,9 @@ global denominators (all-reduced) and its loss multiplied by the world size (FSD
 gradients over ranks), so the gradient is the single-process one. Every rank runs the same
 number of forwards and backwards (empty shares run zero-loss dummies): collectives must match.
 
-`update(batch)` is paper Algorithm 1, lines 9-11: mu passes over the rollout batch, one optimizer
-step (`train_step`) per mini-batch. `train_step` takes the mini-batch's *global* loss
+`update(batch)` is paper Algorithm 1, lines 9-11: plan the mini-batches (`plan_update`), get
+pi_old (`old_logprobs`) and the KL reference (`reference_logprobs`), then mu passes over the
+rollout batch, one `optimizer_step` per mini-batch. `optimizer_step` takes the mini-batch's *global* loss
 denominators (valid tokens and responses of the whole mini-batch), so splitting it into
 micro-batches, or later into data-parallel shards, never changes the gradient. Metrics stay on
 the device as tensors and are read back once per optimizer step.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,10 +30,21 @@ import torch
 from dapo import distributed
 from dapo.batch import TrainBatch
 from dapo.config import DAPOConfig
-from dapo.errors import TrainingDiverged
-from dapo.logprobs import (EAGER_RELEASE_TOKENS, PACKED_FORWARD, PackedRows, eager_memory_release, pack,
-                           packed_logits, pad_stack, plan_micro_batches, set_gradient_checkpointing,
-                           split_by_response, token_logprobs, wants_checkpointing)
+from dapo.errors import TrainingDiverged, check_state_keys
+from dapo.logprobs import (
+    EAGER_RELEASE_TOKENS,
+    PACKED_FORWARD,
+    PackedRows,
+    eager_memory_release,
+    pack,
+    packed_logits,
+    pad_stack,
+    plan_micro_batches,
+    set_gradient_checkpointing,
+    split_by_response,
+    token_logprobs,
+    wants_checkpointing,
+)
 from dapo.lora import adapters_disabled
 from dapo.loss import mismatch_stats, policy_loss, rollout_is_weights
 
@@ -46,6 +57,18 @@ class StepResult:
     metrics: dict[str, float]        # token-weighted means: clip_frac_low, clip_frac_high, approx_kl[, kl_ref]
     entropy_sum: float               # sum of token entropies (when asked), for a token mean across steps
     tokens: int                      # packed tokens (padding included) that went through the model
+    num_tokens: int = 0              # the mini-batch's valid response tokens (its loss denominator)
+
+
+@dataclass
+class UpdatePlan:
+    """How one rollout batch is cut for the update, the same for all mu passes."""
+
+    rows: list[list[int]]                 # per mini-batch: this rank's rows (its share of the groups)
+    packed: list[list[PackedRows]]        # per mini-batch: its micro-batches (zero-loss dummies to even out ranks)
+    denominators: list[tuple[int, int]]   # per mini-batch: the loss's global (valid tokens, kept responses)
+    keep: torch.Tensor                    # [rows] bool: in the loss (overlong filtering leaves truncated out)
+    long: bool                            # a micro-batch is long enough for eager memory release
 
 
 class Actor:
@@ -55,10 +78,9 @@ class Actor:
         self.model, self.ref_model, self.pad_id, self.warn = model, ref_model, pad_id, warn
         self.world = distributed.world_size()
         if self.world > 1:
-            shard_model(model, c)  # before the optimizer: it must hold the sharded parameters
-        # pi_old of the later mini-batches from the sampler (config.old_logprobs_from_sampler), except
-        # that 'auto' recomputes under FSDP bf16 mixed precision: the sampler decodes in fp32 there
-        self.old_from_sampler = c.old_logprobs_from_sampler and not (c.old_logprobs == "auto" and mixed_precision())
+            # before the optimizer: it must hold the sharded parameters
+            shard_model(model, c.fsdp_mixed_precision == "bf16")
+        self.old_from_engine = c.old_logprobs_from_engine  # pi_old of the later mini-batches (old_logprobs)
         # fused AdamW is 4x faster than the per-tensor loop on CPU (0.08 s vs 0.36 s a step for 135M).
         # Only trainable parameters (LoRA freezes the base weights): no optimizer state for the rest.
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr,
@@ -96,14 +118,14 @@ class Actor:
         return out
 
     # --- one optimizer step ----------------------------------------------------------------------
-    def train_step(self, plan: list[PackedRows], advantages: torch.Tensor, old: dict[int, torch.Tensor],
-                   ref: dict[int, torch.Tensor], *, num_tokens: int, num_seqs: int, with_entropy: bool = False,
-                   record_old: bool = False, sampler: list[torch.Tensor] | None = None) -> StepResult:
+    def optimizer_step(self, plan: list[PackedRows], advantages: torch.Tensor, old: dict[int, torch.Tensor],
+                       ref: dict[int, torch.Tensor], *, num_tokens: int, num_seqs: int, with_entropy: bool = False,
+                       record_old: bool = False, engine: list[torch.Tensor] | None = None) -> StepResult:
         """Forward/backward every micro-batch of one mini-batch, then one optimizer step.
 
         `num_tokens` / `num_seqs` are the mini-batch's loss denominators. With `record_old` the
         forward's own log-probs become the old policy's (exact before the first step: ratio 1).
-        `sampler`: the rollout engine's log-probs by row, for config.rollout_correction.
+        `engine`: the rollout engine's log-probs by row, for config.rollout_correction.
         """
         c = self.config
         device = next(self.model.parameters()).device
@@ -125,8 +147,8 @@ class Actor:
             old_lp = pad_stack([old[r] for r in rows])
             mask = pad_stack([torch.ones_like(t) for t in per_resp])
             is_weights = None
-            if sampler is not None and c.correction != "none":
-                is_weights, mask = rollout_is_weights(old_lp, pad_stack([sampler[r] for r in rows]).to(lp.device),
+            if engine is not None and c.correction != "none":
+                is_weights, mask = rollout_is_weights(old_lp, pad_stack([engine[r] for r in rows]).to(lp.device),
                                                       mask, c.correction, c.rollout_is_cap, c.rollout_mask_ratio)
             loss, m = policy_loss(
                 pad_stack(per_resp), old_lp, advantages[rows].to(lp.device), mask,
@@ -165,7 +187,7 @@ class Actor:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer_steps += 1
-        return StepResult(obj, norm, skipped, metrics, ent_sum, tokens)
+        return StepResult(obj, norm, skipped, metrics, ent_sum, tokens, num_tokens)
 
     def metric_names(self) -> list[str]:
         """policy_loss's metrics, the same on every rank (a rank with only dummies has none)."""
@@ -187,106 +209,106 @@ class Actor:
 
         Fills `batch.old_logprobs`. Raises TrainingDiverged after max_bad_steps non-finite steps in a row.
         """
+        assert batch.advantages is not None, "compute advantages before the update"
+        plan = self.plan_update(batch)
+        # Long micro-batches: freed activations go back to the OS instead of fragmenting the heap
+        # (logprobs.eager_memory_release); sampling afterwards keeps the heap's speed.
+        with eager_memory_release(plan.long):
+            old, measured = self.old_logprobs(batch, plan)
+            ref = self.reference_logprobs(plan)
+            steps = self._passes(batch, plan, old, ref, train_step, on_grad_step)
+        batch.old_logprobs = [old.get(r, torch.zeros(0)) for r in range(len(batch))]  # this rank's share
+        # Fresh rows only: a stale row's gap to its sampler is the policy's change, not a mismatch.
+        mismatch = self._mismatch(batch, {r: t for r, t in old.items() if r in measured and not batch.is_stale(r)})
+        out = update_metrics(steps, self.metric_names())
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        return {**out, **mismatch}
+
+    def plan_update(self, batch: TrainBatch) -> UpdatePlan:
+        """Cut the batch into mini-batches of groups_per_mini_batch groups, take this rank's
+        contiguous share of each, and pack each share into micro-batches once for all mu passes."""
         c = self.config
         mb = c.groups_per_mini_batch
         mini_batches = [list(range(i, min(i + mb, batch.num_groups))) for i in range(0, batch.num_groups, mb)]
-        # This rank's contiguous share of each mini-batch's groups (all of them on one rank).
         mine = [set(distributed.share(ids, distributed.rank(), self.world)) for ids in mini_batches]
-        rows_of = [[r for r in range(len(batch)) if int(batch.group[r]) in ids] for ids in mine]
+        rows = [[r for r in range(len(batch)) if int(batch.group[r]) in ids] for ids in mine]
         keep = batch.loss_mask(c.overlong_filter)
-        plans = [self.pack(batch, rows, keep) for rows in rows_of]  # packed once, used every pass
+        packed = [self.pack(batch, share, keep) for share in rows]
         # The loss denominators of each whole mini-batch: the shares' counts, summed over ranks.
-        kept_of = [[r for r in rows if bool(keep[r])] for rows in rows_of]
-        counts = distributed.all_reduce_floats([float(n) for kept in kept_of for n in
-                                                (sum(len(batch.response_ids[r]) for r in kept), len(kept))])
-        denominators = [(int(counts[2 * i]), int(counts[2 * i + 1])) for i in range(len(kept_of))]
+        kept = [[r for r in share if bool(keep[r])] for share in rows]
+        counts = distributed.all_reduce_floats([float(n) for k in kept for n in
+                                                (sum(len(batch.response_ids[r]) for r in k), len(k))])
+        denominators = [(int(counts[2 * i]), int(counts[2 * i + 1])) for i in range(len(kept))]
         if self.world > 1:  # equal numbers of micro-batches on every rank
-            most = distributed.all_reduce_floats([float(len(p)) for p in plans], "max")
-            plans = [p + [self.dummy()] * (int(n) - len(p)) for p, n in zip(plans, most)]
-        # Long micro-batches: freed activations go back to the OS instead of fragmenting the heap
-        # (logprobs.eager_memory_release); sampling afterwards keeps the heap's speed.
-        long = any(p.input_ids.numel() >= EAGER_RELEASE_TOKENS for plan in plans for p in plan)
-        with eager_memory_release(long):
-            # Old-policy log-probs, needed from the second optimizer step on. The first mini-batch of
-            # the first pass runs before any update, so its own forward gives them exactly (ratio 1).
-            # The others' come from a no-grad forward, or (self.old_from_sampler: the hf
-            # engine samples from these very weights, in the same precision) from the sampler's own
-            # log-probs, which equal it up to float rounding: no forward, except for stale rows (a
-            # surplus group sampled before the last update), recomputed either way.
+            most = distributed.all_reduce_floats([float(len(p)) for p in packed], "max")
+            packed = [p + [self.dummy()] * (int(n) - len(p)) for p, n in zip(packed, most)]
+        long = any(p.input_ids.numel() >= EAGER_RELEASE_TOKENS for mini in packed for p in mini)
+        return UpdatePlan(rows, packed, denominators, keep, long)
+
+    def old_logprobs(self, batch: TrainBatch, plan: UpdatePlan) -> tuple[dict[int, torch.Tensor], set[int]]:
+        """pi_old of every row but the first mini-batch's (whose own first forward gives it exactly,
+        before any update: ratio 1), and the rows whose pi_old the trainer measured itself.
+
+        From the rollout engine (self.old_from_engine: the hf engine samples from these very
+        weights in the same precision, equal up to float rounding): no forward, except for stale
+        rows (a surplus group sampled before the last update), which are recomputed. Otherwise a
+        no-grad forward over every later mini-batch."""
+        later = [r for share in plan.rows[1:] for r in share]
+        if not (self.old_from_engine and batch.engine_logprobs is not None):
             old: dict[int, torch.Tensor] = {}
-            ref: dict[int, torch.Tensor] = {}
-            if self.old_from_sampler and batch.sampler_logprobs is not None:
-                device = next(self.model.parameters()).device
-                later = [r for rows in rows_of[1:] for r in rows]
-                old = {r: batch.sampler_logprobs[r].to(device) for r in later if not batch.is_stale(r)}
-                stale = [r for r in later if batch.is_stale(r)]
-                plan = self.pack(batch, stale, keep) if stale else []
-                if self.world > 1:  # every rank runs the same number of forwards (FSDP collectives)
-                    most = int(distributed.all_reduce_floats([float(len(plan))], "max")[0])
-                    plan = plan + [self.dummy()] * (most - len(plan))
-                old.update(self.logprobs(plan))
-                measured = set(rows_of[0])  # the fresh rows whose pi_old is the trainer's own forward
-            else:
-                for plan in plans[1:]:
-                    old.update(self.logprobs(plan))
-                measured = None
-            if self.ref_model is not None:
-                # LoRA: the reference is this model with its adapters off (trainer.py)
-                with adapters_disabled(self.model) if self.ref_model is self.model else contextlib.nullcontext():
-                    for plan in plans:
-                        ref.update(self.logprobs(plan, self.ref_model))
-            assert batch.advantages is not None, "compute advantages before the update"
-            sums: dict[str, float] = {}
-            tokens_trained, skipped = 0, 0
-            entropy_sum, entropy_tokens = 0.0, 0
-            for epoch in range(c.mu):
-                for mbi in range(len(rows_of)):
-                    num_tokens, num_seqs = denominators[mbi]
-                    result = self.train_step(plans[mbi], batch.advantages, old, ref, num_tokens=num_tokens,
+            for mini in plan.packed[1:]:
+                old.update(self.logprobs(mini))
+            return old, set(plan.rows[0]) | set(later)
+        device = next(self.model.parameters()).device
+        old = {r: batch.engine_logprobs[r].to(device) for r in later if not batch.is_stale(r)}
+        stale = [r for r in later if batch.is_stale(r)]
+        packed = self.pack(batch, stale, plan.keep) if stale else []
+        if self.world > 1:  # every rank runs the same number of forwards (FSDP collectives)
+            most = int(distributed.all_reduce_floats([float(len(packed))], "max")[0])
+            packed = packed + [self.dummy()] * (most - len(packed))
+        old.update(self.logprobs(packed))
+        return old, set(plan.rows[0])
+
+    def reference_logprobs(self, plan: UpdatePlan) -> dict[int, torch.Tensor]:
+        """The KL reference's log-probs of every row ({} without kl_coef). LoRA: the reference is
+        this model with its adapters off (build.py)."""
+        ref: dict[int, torch.Tensor] = {}
+        if self.ref_model is None:
+            return ref
+        with adapters_disabled(self.model) if self.ref_model is self.model else contextlib.nullcontext():
+            for mini in plan.packed:
+                ref.update(self.logprobs(mini, self.ref_model))
+        return ref
+
+    def _passes(self, batch: TrainBatch, plan: UpdatePlan, old: dict[int, torch.Tensor], ref: dict[int, torch.Tensor],
+                train_step: int, on_grad_step: Callable[[int, float], None] | None) -> list[tuple[int, StepResult]]:
+        """mu passes, one optimizer step per mini-batch; returns (pass, result) of every step."""
+        assert batch.advantages is not None
+        steps = []
+        for epoch in range(self.config.mu):
+            for i, mini in enumerate(plan.packed):
+                num_tokens, num_seqs = plan.denominators[i]
+                result = self.optimizer_step(mini, batch.advantages, old, ref, num_tokens=num_tokens,
                                              num_seqs=num_seqs, with_entropy=epoch == 0,
-                                             record_old=epoch == 0 and mbi == 0, sampler=batch.sampler_logprobs)
-                    tokens_trained += result.tokens
-                    grad_step = epoch * len(rows_of) + mbi + 1
-                    if result.skipped:
-                        skipped += 1
-                        self._report_bad_step(grad_step, train_step, result)
-                        continue
-                    for k, v in result.metrics.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + result.grad_norm
-                    sums["objective"] = sums.get("objective", 0.0) + result.objective
-                    if epoch == 0:
-                        entropy_sum += result.entropy_sum
-                        entropy_tokens += num_tokens
-                    if on_grad_step is not None:
-                        on_grad_step(grad_step, result.objective)
-            batch.old_logprobs = [old.get(r, torch.zeros(0)) for r in range(len(batch))]  # this rank's share
-            # Fresh rows only: a stale row's gap to its sampler is the policy's change, not a mismatch.
-            mismatch = self._mismatch(batch, {r: t for r, t in old.items() if (measured is None or r in measured)
-                                              and not batch.is_stale(r)})
-            steps = max(c.grad_steps_per_train_step - skipped, 1)  # averages over the steps taken
-            out = {k: v / steps for k, v in sums.items()}
-            out["entropy"] = entropy_sum / max(entropy_tokens, 1)
-            # A batch whose responses were all filtered out runs no loss; keep the keys (metrics.jsonl
-            # promises every key on every step) with the value "nothing moved".
-            for key in ("clip_frac_low", "clip_frac_high", "approx_kl") + (("kl_ref",) if self.ref_model else ()):
-                out.setdefault(key, 0.0)
-            out["lr"] = self.scheduler.get_last_lr()[0]
-            out["train_tokens"] = tokens_trained
-            out["skipped_steps"] = skipped
-            out.update(mismatch)
-            return out
+                                             record_old=epoch == 0 and i == 0, engine=batch.engine_logprobs)
+                steps.append((epoch, result))
+                grad_step = epoch * len(plan.packed) + i + 1
+                if result.skipped:
+                    self._report_bad_step(grad_step, train_step, result)
+                elif on_grad_step is not None:
+                    on_grad_step(grad_step, result.objective)
+        return steps
 
     def _mismatch(self, batch: TrainBatch, old: dict[int, torch.Tensor]) -> dict[str, float]:
         """Train-inference mismatch between the engine's and the trainer's log-probs of the sampled
         tokens (before any update), over every rank's responses; {} when the engine gives none."""
-        if batch.sampler_logprobs is None:
+        if batch.engine_logprobs is None:
             return {}
-        rows = [r for r in sorted(old) if len(old[r]) == len(batch.sampler_logprobs[r])]
+        rows = [r for r in sorted(old) if len(old[r]) == len(batch.engine_logprobs[r])]
         n, kl_sum, worst = 0.0, 0.0, 0.0
         if rows:
             trainer = pad_stack([old[r] for r in rows])
-            stats = mismatch_stats(trainer, pad_stack([batch.sampler_logprobs[r] for r in rows]).to(trainer.device),
+            stats = mismatch_stats(trainer, pad_stack([batch.engine_logprobs[r] for r in rows]).to(trainer.device),
                                    pad_stack([torch.ones_like(old[r]) for r in rows]))
             n = float(sum(len(old[r]) for r in rows))
             kl_sum, worst = float(stats["mismatch_kl"]) * n, float(stats["mismatch_max_abs"])
@@ -311,13 +333,38 @@ class Actor:
                 "optimizer_steps": self.optimizer_steps, "skipped_steps": self.skipped_steps,
                 "bad_steps_in_row": self.bad_steps_in_row}
 
+    STATE_KEYS = ("optimizer", "scheduler", "optimizer_steps", "skipped_steps", "bad_steps_in_row")
+
     def load_state_dict(self, state: dict[str, Any], optimizer: bool = True) -> None:
         """`optimizer=False`: the optimizer state was loaded elsewhere (sharded checkpoints)."""
+        check_state_keys("actor", state, self.STATE_KEYS)
         if optimizer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.optimizer_steps, self.skipped_steps = state["optimizer_steps"], state["skipped_steps"]
         self.bad_steps_in_row = state["bad_steps_in_row"]
+
+
+def update_metrics(steps: list[tuple[int, StepResult]], names: list[str]) -> dict[str, float]:
+    """The train step's metrics from its optimizer steps (pass, result): loss metrics, grad norm
+    and objective averaged over the steps taken (a skipped step counts only as skipped), entropy
+    as the token mean of the first pass (the policy that sampled the batch). A batch whose
+    responses were all filtered out runs no loss: its keys still appear, with "nothing moved"
+    (metrics.jsonl promises every key on every step)."""
+    taken = [r for _, r in steps if not r.skipped]
+    first = [r for epoch, r in steps if epoch == 0 and not r.skipped]
+    out = {k: 0.0 for k in names}
+    for r in taken:
+        for k, v in r.metrics.items():
+            out[k] = out.get(k, 0.0) + v
+    out["grad_norm"] = sum(r.grad_norm for r in taken)
+    out["objective"] = sum(r.objective for r in taken)
+    n = max(len(taken), 1)
+    out = {k: v / n for k, v in out.items()}
+    out["entropy"] = sum(r.entropy_sum for r in first) / max(sum(r.num_tokens for r in first), 1)
+    out["train_tokens"] = sum(r.tokens for _, r in steps)
+    out["skipped_steps"] = len(steps) - len(taken)
+    return out
 
 
 def lr_lambda(c: DAPOConfig, total_steps: int) -> Callable[[int], float]:
@@ -335,23 +382,16 @@ def lr_lambda(c: DAPOConfig, total_steps: int) -> Callable[[int], float]:
     return f
 
 
-MIXED_PRECISION_ENV = "DAPO_FSDP_MIXED_PRECISION"
-
-
-def mixed_precision() -> bool:
-    """True when FSDP2 runs forward/backward in bf16 over fp32 parameters (docs/distributed.md)."""
-    return os.environ.get(MIXED_PRECISION_ENV) == "bf16"
-
-
-def shard_model(model: torch.nn.Module, config: DAPOConfig) -> None:
+def shard_model(model: torch.nn.Module, bf16: bool = False) -> None:
     """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, final norm, head), in
-    place; the packed training forward is registered as an FSDP forward method (logprobs.py)."""
+    place; the packed training forward is registered as an FSDP forward method (logprobs.py).
+    `bf16`: config.fsdp_mixed_precision "bf16"."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     kwargs = {}
-    if mixed_precision():
+    if bf16:
         # fp32 parameters and optimizer state, bf16 forward/backward, fp32 gradient reduction: the
-        # GPU recipe of docs/distributed.md (untested here: no GPU was available)
+        # GPU recipe of docs/distributed.md
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.get_decoder().layers:
         fully_shard(layer, **kwargs)

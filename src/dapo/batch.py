@@ -26,7 +26,7 @@ class TrainBatch:
     rewards: torch.Tensor               # [B] task reward + overlong penalty (what advantages use)
     correct: torch.Tensor | None = None  # [B] float 1/0 by the accuracy function, when the task has one
     advantages: torch.Tensor | None = None        # [B]
-    sampler_logprobs: list[torch.Tensor] | None = None  # [B] x [len_i], the rollout engine's own
+    engine_logprobs: list[torch.Tensor] | None = None  # [B] x [len_i], the rollout engine's own
     old_logprobs: list[torch.Tensor] | None = None      # [B] x [len_i], the trainer's, before the update
     # [B] bool: sampled by an earlier policy than the one this step updates (a surplus group carried
     # over from an earlier step); None: every row was sampled by the current weights

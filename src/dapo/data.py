@@ -5,19 +5,22 @@ loaders that turn JSONL/Parquet/CSV files or `datasets` datasets into records.""
 from __future__ import annotations
 
 import random
-import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dapo.errors import DataError, PromptTooLongError
+from dapo.progress import stderr_warning
 
 Record = dict[str, Any]
 
 
-def to_messages(prompt: Any, system_prompt: str | None = None) -> list[dict[str, str]]:
-    """A prompt string becomes one user message; chat messages pass through."""
+def to_messages(prompt: Any, system_prompt: str | None = None,
+                warn: Callable[[str], None] = stderr_warning) -> list[dict[str, str]]:
+    """A prompt string becomes one user message; chat messages pass through. A prompt whose own
+    system message differs from `system_prompt` keeps it, and `warn` is told (pass a callable that
+    speaks once, e.g. Reporter.once, when templating many prompts)."""
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
@@ -27,20 +30,17 @@ def to_messages(prompt: Any, system_prompt: str | None = None) -> list[dict[str,
     if system_prompt is not None:
         if messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}] + messages
-        elif messages[0]["content"] != system_prompt and not _WARNED["system_prompt"]:
-            _WARNED["system_prompt"] = True
-            print(f"dapo: warning: --system-prompt is not used for prompts whose messages already start with a "
-                  f"system message; they keep their own (first: {messages[0]['content'][:60]!r})",
-                  file=sys.stderr, flush=True)
+        elif messages[0]["content"] != system_prompt:
+            warn(f"dapo: warning: --system-prompt is not used for prompts whose messages already start with a "
+                 f"system message; they keep their own (first: {messages[0]['content'][:60]!r})")
     return messages
 
 
-_WARNED = {"system_prompt": False}
-
-
-def encode_prompt(tokenizer: Any, prompt: Any, system_prompt: str | None, max_prompt_len: int) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: Any, system_prompt: str | None, max_prompt_len: int,
+                  warn: Callable[[str], None] = stderr_warning) -> list[int]:
     """Token ids of the chat-templated prompt, ending with the assistant turn's opening."""
-    out = tokenizer.apply_chat_template(to_messages(prompt, system_prompt), add_generation_prompt=True, tokenize=True)
+    out = tokenizer.apply_chat_template(to_messages(prompt, system_prompt, warn), add_generation_prompt=True,
+                                        tokenize=True)
     ids = list(out["input_ids"] if hasattr(out, "keys") else out)
     if len(ids) > max_prompt_len:
         raise PromptTooLongError(f"prompt is {len(ids)} tokens with the chat template, longer than "
@@ -149,12 +149,12 @@ def _read_rows(source: str, split: str) -> list[dict[str, Any]]:
             ds = loaded[split]
     except DataError:
         raise
-    except Exception as e:  # noqa: BLE001 - parse errors, missing hub ids, no network: one message
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataError(f"could not read dataset {source!r} ({type(e).__name__}: {first})") from e
     try:
         return ds.to_list()
-    except Exception as e:  # noqa: BLE001 - e.g. bytes that are not UTF-8 inside a directory's files
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataError(f"could not read dataset {source!r} ({type(e).__name__}: {first})") from e
 

@@ -8,8 +8,9 @@ environment (RANK, WORLD_SIZE, MASTER_ADDR, ...): gloo on CPU, NCCL on CUDA.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,8 @@ import torch.distributed as dist
 # Rank 0 alone evaluates and writes checkpoints' HF export; the others wait in the next collective.
 # The default 30 min of torch would cut a long evaluation short: 2 h unless DAPO_DIST_TIMEOUT_MIN says.
 TIMEOUT_ENV = "DAPO_DIST_TIMEOUT_MIN"
+T = TypeVar("T")
+_OURS = False  # the process group was started by `init`
 
 
 def env_world_size() -> int:
@@ -42,12 +45,18 @@ def init(device: torch.device | str | None = None) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo",
                             timeout=timedelta(minutes=float(os.environ.get(TIMEOUT_ENV, "120"))))
+    global _OURS
+    _OURS = True
     return dist.get_world_size() > 1
 
 
 def destroy() -> None:
-    if is_initialized():
+    """End the process group `init` started; one that another library started (vLLM starts a
+    one-process group of its own) is that library's to end."""
+    global _OURS
+    if _OURS and is_initialized():
         dist.destroy_process_group()
+    _OURS = False
 
 
 def rank() -> int:
@@ -106,6 +115,40 @@ def all_reduce_floats(values: list[float], op: str = "sum") -> list[float]:
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is True on at least one."""
     return bool(all_reduce_floats([float(flag)], "max")[0]) if world_size() > 1 else flag
+
+
+def on_rank0(fn: Callable[[], T]) -> T:
+    """`fn()` on rank 0 alone (evaluation, the run directory's files); its result, or the error it
+    raised, on every rank, so that no rank waits in a collective the others never reach and every
+    rank ends with the same error."""
+    if world_size() == 1:
+        return fn()
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - raised below, on every rank
+            error = e
+    result, shared = broadcast_object((result, picklable(error)))
+    if error is not None:
+        raise error
+    if shared is not None:
+        raise shared
+    return result
+
+
+def picklable(error: BaseException | None) -> BaseException | None:
+    """`error` itself when it survives pickling (to reach the other ranks), else a RuntimeError
+    with its text."""
+    import pickle
+
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def share(items: list[Any], rank_: int | None = None, world: int | None = None) -> list[Any]:

@@ -29,9 +29,10 @@ class DynamicSamplingExhausted(DapoError):
     success rather than as an error.
     """
 
-    def __init__(self, message: str, solved: bool = False) -> None:
+    def __init__(self, message: str, solved: bool = False, sampled: dict | None = None) -> None:
         super().__init__(message)
         self.solved = solved
+        self.sampled = sampled or {}  # statistics of what the stopped step sampled (collector._sampled_stats)
 
 
 class PromptTooLongError(DapoError):
@@ -44,6 +45,13 @@ class RunDirError(DapoError):
 
 class CheckpointError(DapoError):
     """A checkpoint cannot be written, or cannot be read back to resume from."""
+
+
+def check_state_keys(part: str, state: object, keys: tuple[str, ...]) -> None:
+    """Raise CheckpointError naming the keys a part's saved state lacks."""
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"the checkpoint's {part} state lacks {', '.join(missing)}; it cannot be resumed from")
 
 
 class ResumeError(DapoError):

@@ -9,8 +9,7 @@ temperature 1.0, top-p 0.7); pass@k is the share of prompts with at least one co
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +17,12 @@ import torch
 
 from dapo.checkpoint import intact_checkpoint, list_checkpoints, verify_checkpoint
 from dapo.data import Record, encode_prompt
+from dapo.engines import RolloutEngine, SamplingParams
 from dapo.errors import DataError, ModelLoadError, oom_guard
 from dapo.models import stop_token_ids
+from dapo.progress import once, stderr_warning
 from dapo.rewards import BUILTIN_REWARDS, RewardFn, RewardFunction, TrainerState, reward_name
-from dapo.rollout import HFEngine, RolloutEngine, SamplingParams, make_engine
+from dapo.rollout import HFEngine
 from dapo.scorer import RewardScorer
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ def evaluate(
     reward_errors: str = "raise",
     stop_ids: Sequence[int] | None = None,
     trainer_state: TrainerState | None = None,
+    warn: Callable[[str], None] = stderr_warning,
 ) -> dict[str, float]:
     """Sample k answers per record with `engine` (or a model, sampled by an HFEngine) and judge
     them with the scorer's accuracy function (or a TRL-style function): a score >= 1 is correct
@@ -84,7 +86,8 @@ def evaluate(
     if isinstance(engine, torch.nn.Module):
         engine = HFEngine(engine, tokenizer.pad_token_id)
     k = 1 if temperature == 0 else k
-    prompts = [encode_prompt(tokenizer, r["prompt"], system_prompt, max_prompt_len) for r in records]
+    warn = once(warn)  # a template warning applies to many prompts: say it once
+    prompts = [encode_prompt(tokenizer, r["prompt"], system_prompt, max_prompt_len, warn) for r in records]
     outs = engine.generate(prompts, k, SamplingParams(max_new_tokens, temperature, top_p, tuple(sorted(eos))))
     responses = [resp for s in outs for resp in s.response_ids]
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -106,6 +109,29 @@ def evaluate(
         part = summarize([correct[i] for i in idx], k, [n for i in idx for n in lengths[i]])
         out.update({f"{level}/{key}": v for key, v in part.items()})
     return out
+
+
+class Evaluator:
+    """Held-out avg@k / pass@k of the policy an engine samples from, with a config's evaluation
+    settings (eval_samples, eval_temperature, eval_top_p, max_eval_prompts, ...): the one object
+    behind `dapo eval` and the evaluations inside a run (build.py makes both)."""
+
+    def __init__(self, config: "DAPOConfig", engine: RolloutEngine, tokenizer: Any, records: Sequence[Record],
+                 scorer: RewardScorer, stop_ids: Sequence[int], warn: Callable[[str], None] = stderr_warning) -> None:
+        self.config, self.engine, self.tokenizer, self.scorer, self.warn = config, engine, tokenizer, scorer, warn
+        self.records = list(records[: config.max_eval_prompts or None])
+        self.stop_ids = sorted(stop_ids)
+
+    def __call__(self, trainer_state: TrainerState | None = None) -> dict[str, float]:
+        """Evaluate now, on a copy of the RNG state: how often and how much a run evaluates must not
+        change its training samples (so eval settings are safe to change on resume)."""
+        c = self.config
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices), oom_guard("evaluation", c):
+            return evaluate(self.engine, self.tokenizer, self.records, self.scorer, k=c.eval_samples,
+                            temperature=c.eval_temperature, top_p=c.eval_top_p, max_new_tokens=c.max_new_tokens,
+                            max_prompt_len=c.max_prompt_len, system_prompt=c.system_prompt, stop_ids=self.stop_ids,
+                            trainer_state=trainer_state, warn=self.warn)
 
 
 def format_table(scores: dict[str, float], title: str | None = None) -> str:
@@ -197,26 +223,3 @@ def _drop_untrusted_rewards(values: dict[str, Any], saved: Path) -> None:
                         f"{specs[0]}) or add --trust-run-rewards if you trust this run directory")
     values["reward"] = [specs[0]]  # the judge alone decides correctness; the other rewards are not needed
     values["reward_weights"] = []
-
-
-def evaluate_config(config: "DAPOConfig") -> dict[str, float]:
-    """Load the config's model and evaluate it on the task's held-out records."""
-    from dapo.models import load_model, load_tokenizer, pick_device
-    from dapo.tasks import build_task
-
-    c = config
-    torch.manual_seed(c.seed)
-    torch.set_num_threads(c.threads or os.cpu_count() or 1)
-    task = build_task(c, eval_only=True)
-    if task.accuracy is None or not task.eval:
-        raise DataError("nothing to evaluate: give --data test.jsonl (with --reward) or a built-in --task")
-    tokenizer = load_tokenizer(c.model)
-    model = load_model(c.model, c.dtype, pick_device(c.device))
-    records = task.eval[: c.max_eval_prompts or None]
-    engine = make_engine(c, model, tokenizer.pad_token_id)  # --rollout-engine vllm evaluates with vLLM
-    stop_ids = stop_token_ids(model, tokenizer)
-    with oom_guard("evaluation", c), RewardScorer([], task.accuracy, accuracy_name=task.accuracy_name,
-                                                  timeout=c.reward_timeout, on_error=c.reward_errors) as scorer:
-        return evaluate(engine, tokenizer, records, scorer, k=c.eval_samples, temperature=c.eval_temperature,
-                        top_p=c.eval_top_p, max_new_tokens=c.max_new_tokens, max_prompt_len=c.max_prompt_len,
-                        system_prompt=c.system_prompt, stop_ids=sorted(stop_ids))

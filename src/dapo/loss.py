@@ -12,7 +12,8 @@ from typing import Literal
 
 import torch
 
-LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+from dapo.config import LossAgg
+
 LOG_RATIO_LIMIT = 20.0
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from dapo.progress import stderr_warning
 
 
 class MetricsLogger:
@@ -59,11 +61,9 @@ def sample_rows(batch: Any, records: Sequence[dict[str, Any]]) -> list[dict[str,
              "truncated": bool(batch.truncated[i])} for i in range(len(batch))]
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path, warn: Callable[[str], None] = stderr_warning) -> list[dict[str, Any]]:
     """The rows of a JSON-lines log. A torn last line (no newline: the writer was killed) is left
     out with a warning; any other unreadable line raises DapoError naming the file and line."""
-    import sys
-
     from dapo.errors import DapoError
 
     path = Path(path)
@@ -82,8 +82,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 raise ValueError("not a JSON object")
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             if last:
-                print(f"dapo: warning: {path}: ignoring the torn last line {number} (a run killed while writing "
-                      "it)", file=sys.stderr)
+                warn(f"dapo: warning: {path}: ignoring the torn last line {number} (a run killed while writing it)")
                 continue
             raise DapoError(f"{path}, line {number} is not a JSON object ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:100]})") from None

@@ -87,7 +87,7 @@ def load_tokenizer(name: str):
     path = resolve_model_path(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ModelLoadError(_load_message(name, e)) from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -102,7 +102,7 @@ def load_model(name: str, dtype: str = "float32", device: str | torch.device = "
     path = resolve_model_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ModelLoadError(_load_message(name, e)) from e
     return model.to(device)
 
@@ -131,15 +131,3 @@ def pick_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
     return torch.device(device)
-
-
-def tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 64) -> torch.nn.Module:
-    """A randomly initialised Llama with the given vocabulary, for fast tests and examples."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=2)
-    return LlamaForCausalLM(cfg)

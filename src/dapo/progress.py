@@ -11,8 +11,26 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any, Protocol
+
+
+def stderr_warning(text: str) -> None:
+    """A warning line outside a run, or before its display exists (the default `warn` of library
+    functions: checkpoint verification, prompt templating, reward scoring)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def once(warn: Callable[[str], None]) -> Callable[[str], None]:
+    """`warn`, but speaking only the first time it is called."""
+    said = False
+
+    def first_only(text: str) -> None:
+        nonlocal said
+        if not said:
+            said = True
+            warn(text)
+    return first_only
 
 
 # --- pure formatting -------------------------------------------------------------------------
@@ -36,11 +54,14 @@ def format_duration(seconds: float | None) -> str:
 
 def step_line(step: int, total: int, stats: Mapping[str, Any], eta: float | None) -> str:
     """One line describing a finished train step, for logs."""
-    parts = [f"step {step}/{total}", f"reward {stats.get('reward_mean', 0.0):.3f}"]
-    if "accuracy" in stats:
-        parts.append(f"acc {stats['accuracy']:.3f}")
-    parts += [f"len {stats.get('response_length_mean', 0.0):.1f}",
-              f"entropy {stats.get('entropy', 0.0):.3f}",
+    if stats.get("reward_mean") is None:  # filled by carried-over groups: nothing was sampled
+        parts = [f"step {step}/{total}", f"carried over: batch reward {stats.get('batch_reward_mean', 0.0):.3f}"]
+    else:
+        parts = [f"step {step}/{total}", f"reward {stats['reward_mean']:.3f}"]
+        if stats.get("accuracy") is not None:
+            parts.append(f"acc {stats['accuracy']:.3f}")
+        parts.append(f"len {stats.get('response_length_mean', 0.0):.1f}")
+    parts += [f"entropy {stats.get('entropy', 0.0):.3f}",
               f"kept {stats.get('groups_kept', 0)} dropped {stats.get('groups_dropped_all_same', 0)} "
               f"in {stats.get('gen_rounds', 0)} rounds",
               f"{stats.get('step_seconds', 0.0):.1f} s/step",
@@ -54,14 +75,20 @@ def eval_line(label: str, scores: Mapping[str, float]) -> str:
 
 
 def summary_rows(steps: int, seconds: float, metrics: Sequence[Mapping[str, Any]], eval_before: Mapping[str, float],
-                 eval_after: Mapping[str, float], checkpoint: Any, run_dir: Any) -> list[tuple[str, str]]:
-    """(label, value) rows of the end-of-training summary."""
+                 eval_after: Mapping[str, float], checkpoint: Any, run_dir: Any,
+                 stopped: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
+    """(label, value) rows of the end-of-training summary. The final reward and accuracy are those
+    of everything sampled at the last step that sampled: the step that stopped the run as solved
+    (`stopped`), else the last train step that generated (a step filled by carried-over groups
+    alone sampled nothing)."""
     rows = [("train steps", str(steps)), ("wall time", format_duration(seconds) + f" ({seconds:.1f} s)")]
-    if metrics:
-        last = metrics[-1]
-        rows.append(("final reward (mean, last step)", f"{last.get('reward_mean', float('nan')):.3f}"))
-        if "accuracy" in last:
-            rows.append(("final train accuracy", f"{last['accuracy']:.3f}"))
+    sampled = [m for m in metrics if m.get("reward_mean") is not None]
+    last = dict(stopped) if stopped else sampled[-1] if sampled else None
+    if last is not None and last.get("reward_mean") is not None:
+        when = f"sampled at step {last['step']}" + (", stopped as solved" if stopped else "")
+        rows.append((f"final reward (mean, {when})", f"{last['reward_mean']:.3f}"))
+        if last.get("accuracy") is not None:
+            rows.append((f"final train accuracy ({when})", f"{last['accuracy']:.3f}"))
     for key in eval_before:
         if key in eval_after and key != "num_prompts":  # a count, not a score
             rows.append((f"eval {key}", f"{eval_before[key]:.3f} before -> {eval_after[key]:.3f} after"))
@@ -106,7 +133,7 @@ class NullProgress:
     def close(self) -> None: pass
 
     def warning(self, text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
+        stderr_warning(text)
 
 
 class VerboseProgress(NullProgress):
@@ -225,8 +252,9 @@ class RichProgress(NullProgress):
         if step == 1:
             self.t0 = time.perf_counter() - stats.get("step_seconds", 0.0)
         eta = eta_seconds(time.perf_counter() - self.t0, step, self.total)
-        acc = f"  acc {stats['accuracy']:.3f}" if "accuracy" in stats else ""
-        self.last_info = (f"reward {stats.get('reward_mean', 0.0):.3f}{acc}  "
+        acc = f"  acc {stats['accuracy']:.3f}" if stats.get("accuracy") is not None else ""
+        reward = ("carried over" if stats.get("reward_mean") is None else f"reward {stats['reward_mean']:.3f}")
+        self.last_info = (f"{reward}{acc}  "
                           f"{stats.get('step_seconds', 0.0):.1f} s/step  ETA {format_duration(eta)}")
         self.bars.update(self.step_task, completed=step, info=self.last_info)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ import torch
 from dapo.checkpoint import intact_checkpoint, list_checkpoints
 from dapo.config import DAPOConfig, run_changing_differences
 from dapo.errors import ConfigError, ResumeError
+from dapo.progress import stderr_warning
+
 
 # --- RNG --------------------------------------------------------------------------------------
 def capture_rng() -> dict[str, Any]:
@@ -46,7 +48,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # --- config -----------------------------------------------------------------------------------
-def find_checkpoint(run_dir: Path) -> Path:
+def find_checkpoint(run_dir: Path, warn: Callable[[str], None] = stderr_warning) -> Path:
     """The newest intact checkpoint of `run_dir` (checkpoint.verify_checkpoint): a damaged newer
     one (truncated or missing file, sha256 mismatch, unreadable config, non-finite weights,
     trainer state missing keys) is skipped with a warning naming its problem."""
@@ -56,13 +58,13 @@ def find_checkpoint(run_dir: Path) -> Path:
     complete = list_checkpoints(run_dir)
     if not complete:
         raise ResumeError(f"cannot resume: {run_dir} holds no complete checkpoint (checkpoints/step-*/COMPLETE)")
-    checkpoint = intact_checkpoint(run_dir, need_state=True, what="resuming")
+    checkpoint = intact_checkpoint(run_dir, need_state=True, what="resuming", warn=warn)
     if checkpoint is None:
         raise ResumeError(f"cannot resume: every checkpoint of {run_dir} is damaged "
                           f"({', '.join(p.name for p in complete)}; the warnings above say how)")
     if checkpoint != complete[-1]:
-        print(f"dapo: warning: resuming {run_dir} from {checkpoint.name}, the newest intact checkpoint; the steps "
-              "after it run again", file=sys.stderr, flush=True)
+        warn(f"dapo: warning: resuming {run_dir} from {checkpoint.name}, the newest intact checkpoint; the steps "
+             "after it run again")
     return checkpoint
 
 

@@ -271,12 +271,12 @@ def load_reward_function(spec: str, answer_column: str = "answer") -> tuple[str,
         sys.modules[module_name] = module  # lets pickling and dataclasses inside the file work
         try:
             module_spec.loader.exec_module(module)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise RewardError(f"reward {spec!r}: importing {target!r} raised {type(e).__name__}: {e}") from e
     else:
         try:
             module = importlib.import_module(target)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise RewardError(f"reward {spec!r}: cannot import module {target!r} ({type(e).__name__}: {e})") from e
     fn = getattr(module, attr, None)
     if not callable(fn):

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dapo.errors import DataError
+from dapo.tasks import Task
 
 PREFIX = "reasoning_gym:"
 INSTALL = 'pip install "dapo-rl[reasoning-gym]"'
@@ -121,10 +122,8 @@ def records(name: str, train_size: int = DEFAULT_TRAIN, eval_size: int = DEFAULT
     return train, held_out
 
 
-def reasoning_gym_task(task: str) -> Any:
+def reasoning_gym_task(task: str) -> Task:
     """The Task for 'reasoning_gym:<name>[:train[:eval]]'."""
-    from dapo.tasks import Task
-
     name, train_size, eval_size = parse_spec(task)
     train, held_out = records(name, train_size, eval_size)
     score = ReasoningGymScore(name)

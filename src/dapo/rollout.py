@@ -1,8 +1,9 @@
 """Stage: rollouts. Sample G responses per prompt from the current policy.
 
-A `RolloutEngine` turns prompt token ids into sampled responses; the trainer, the batch collector
-and `dapo eval` see only this protocol, so another sampler (vLLM) plugs in without a branch in
-the loop. `HFEngine` is ours: it samples from the training model itself.
+A `RolloutEngine` (engines.py: the base class and the registry) turns prompt token ids into
+sampled responses; the trainer, the batch collector and `dapo eval` see only that base class, so
+another sampler (vLLM) plugs in without a branch in the loop. `HFEngine` is ours: it samples from
+the training model itself.
 
 With `shared_prompt=True` each distinct prompt is prefilled once and its G continuations are
 sampled from copies of that single KV cache, so a prompt of P tokens costs P, not G * P, tokens
@@ -14,44 +15,27 @@ turns it off), EOS handled per row.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dapo.engines import RolloutEngine, Samples, SamplingParams
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop_token_ids: tuple[int, ...] = ()
+if TYPE_CHECKING:
+    from dapo.config import DAPOConfig
 
-
-@dataclass
-class Samples:
-    """The n responses to one prompt."""
-
-    response_ids: list[list[int]]              # each ends with its stop token unless truncated
-    truncated: list[bool]                      # True when max_new_tokens was reached without a stop token
-    logprobs: list[list[float]] | None = None  # the sampler's log-prob of each response token under the
-    #                                            distribution it sampled from (after temperature and top-p)
+__all__ = ["HFEngine", "RolloutEngine", "Samples", "SamplingParams", "generate", "sample_next"]
 
 
-class RolloutEngine(Protocol):
-    """What the trainer needs from a sampler."""
-
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Samples]: ...
-
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Make the engine sample from `model`'s current weights (called after every train step)."""
-
-
-class HFEngine:
+class HFEngine(RolloutEngine):
     """Samples from the training model itself: colocated, the same weights, so syncing is free."""
 
     def __init__(self, model: torch.nn.Module, pad_id: int, shared_prompt: bool = True, max_rows: int = 256) -> None:
         self.model, self.pad_id, self.shared_prompt, self.max_rows = model, pad_id, shared_prompt, max_rows
+
+    @classmethod
+    def from_config(cls, config: DAPOConfig, model: torch.nn.Module, pad_id: int) -> HFEngine:
+        return cls(model, pad_id, config.shared_prompt)
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Samples]:
         was_training = self.model.training
@@ -65,21 +49,6 @@ class HFEngine:
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model
-
-
-def make_engine(config: Any, model: torch.nn.Module, pad_id: int) -> RolloutEngine:
-    """The engine `config.rollout_engine` names, sampling from `model`'s current weights."""
-    if config.rollout_engine == "vllm":
-        from dapo.models import resolve_model_path
-        from dapo.vllm_engine import VLLMEngine
-
-        engine = VLLMEngine(resolve_model_path(config.model), dtype=config.dtype, seed=config.seed,
-                            max_model_len=config.max_prompt_len + config.max_new_tokens,
-                            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-                            kv_cache_gb=config.vllm_kv_cache_gb)
-        engine.sync_weights(model)  # a model passed in, or one resumed, is not the directory's weights
-        return engine
-    return HFEngine(model, pad_id, config.shared_prompt)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,

@@ -17,18 +17,26 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import signal
-import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from dapo.errors import RewardError
-from dapo.rewards import (RewardFn, RewardFunction, TrainerState, _text, all_none_warning, as_completions,
-                          call_reward, check_reward_values)
+from dapo.progress import stderr_warning
+from dapo.rewards import (
+    RewardFn,
+    RewardFunction,
+    TrainerState,
+    _text,
+    all_none_warning,
+    as_completions,
+    call_reward,
+    check_reward_values,
+)
 
 
 @dataclass
@@ -117,8 +125,10 @@ class RewardScorer:
     """
 
     def __init__(self, reward_fns: Sequence[RewardFunction], accuracy: RewardFn | None = None, *,
-                 accuracy_name: str = "accuracy", timeout: float = 0.0, on_error: str = "raise") -> None:
+                 accuracy_name: str = "accuracy", timeout: float = 0.0, on_error: str = "raise",
+                 warn: Callable[[str], None] = stderr_warning) -> None:
         self.reward_fns = list(reward_fns)
+        self.warn = warn
         self.timeout, self.on_error = timeout, on_error
         # The accuracy function is usually the first reward function: reuse its scores.
         self.accuracy_column: int | None = None
@@ -156,7 +166,7 @@ class RewardScorer:
         warning = all_none_warning(out.scores, prompts, completions)
         if warning is not None and not self._warned_all_none:
             self._warned_all_none = True
-            print(f"dapo: warning: {warning}", file=sys.stderr, flush=True)
+            self.warn(f"dapo: warning: {warning}")
         if with_accuracy and self.has_accuracy:
             column = self.accuracy_column if self.accuracy_column is not None else len(self.reward_fns)
             out.correct = (values[:, column] >= 1.0).float()

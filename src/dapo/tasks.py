@@ -7,14 +7,23 @@ from --reward or the task's own.
 
 from __future__ import annotations
 
+import importlib
 import random
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from dapo.data import Record, load_records
 from dapo.errors import DataError
-from dapo.rewards import (NEEDS_ANSWER, RewardFn, RewardFunction, as_reward_functions, build_reward_functions,
-                          digit_accuracy, digit_reward, numeric_reward)
+from dapo.rewards import (
+    NEEDS_ANSWER,
+    RewardFn,
+    RewardFunction,
+    as_reward_functions,
+    build_reward_functions,
+    digit_accuracy,
+    digit_reward,
+    numeric_reward,
+)
 
 if TYPE_CHECKING:
     from dapo.config import DAPOConfig
@@ -82,11 +91,16 @@ def arithmetic_task() -> Task:
 BUILTIN_TASKS = {"digit": digit_task, "arithmetic": arithmetic_task}
 
 
-def get_task(name: str) -> Task:
-    if name.startswith("reasoning_gym:"):
-        from dapo.rgym import reasoning_gym_task
+# Task families named by a prefix, as import strings of their factory (name -> Task): the module
+# (and its optional dependency) is imported only when a config names the family.
+TASK_FAMILIES = {"reasoning_gym:": "dapo.rgym:reasoning_gym_task"}
 
-        return reasoning_gym_task(name)
+
+def get_task(name: str) -> Task:
+    for prefix, target in TASK_FAMILIES.items():
+        if name.startswith(prefix):
+            module, _, attr = target.partition(":")
+            return getattr(importlib.import_module(module), attr)(name)
     if name not in BUILTIN_TASKS:
         raise DataError(f"unknown task {name!r}; built-in tasks: {', '.join(BUILTIN_TASKS)}")
     return BUILTIN_TASKS[name]()

