@@ -21,17 +21,8 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    TrainerCallback,
-    TrainerControl,
-    TrainerState,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase,
+                          TrainerCallback, TrainerControl, TrainerState, TrainingArguments, set_seed)
 from trl import GRPOConfig, GRPOTrainer
 
 PROMPT = "What number between 0 and 9 am I thinking of right now? You MUST ONLY answer with a single integer."

@@ -5,22 +5,10 @@ import pytest
 import torch
 
 from dapo.batch import TrainBatch
-from dapo.logprobs import (
-    CHECKPOINT_AUTO_TOKENS,
-    choose_layout,
-    chunked_logprobs,
-    gradient_checkpointing_is_on,
-    layout_costs,
-    pack,
-    pack_rows,
-    set_gradient_checkpointing,
-    split_by_response,
-    token_logprobs,
-    wants_checkpointing,
-)
-from dapo.logprobs import (
-    plan_micro_batches as plan_batch,
-)
+from dapo.logprobs import (CHECKPOINT_AUTO_TOKENS, choose_layout, chunked_logprobs, gradient_checkpointing_is_on,
+                           layout_costs, pack, pack_rows, set_gradient_checkpointing, split_by_response, token_logprobs,
+                           wants_checkpointing)
+from dapo.logprobs import (plan_micro_batches as plan_batch)
 from dapo.rollout import generate
 from toy_run import tiny_model
 

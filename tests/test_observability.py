@@ -15,16 +15,8 @@ from dapo.cli import main
 from dapo.errors import ConfigError
 from dapo.metrics import read_evals, read_jsonl, read_metrics
 from dapo.plot import PANELS, load_run, points, render
-from dapo.progress import (
-    PlainProgress,
-    RichProgress,
-    eta_seconds,
-    format_duration,
-    make_progress,
-    print_summary,
-    step_line,
-    summary_rows,
-)
+from dapo.progress import (PlainProgress, RichProgress, eta_seconds, format_duration, make_progress, print_summary,
+                           step_line, summary_rows)
 from dapo.tasks import Task
 from dapo.trackers import make_trackers, scalars
 from dapo.trainer import Trainer

@@ -31,20 +31,9 @@ from dapo import distributed
 from dapo.batch import TrainBatch
 from dapo.config import DAPOConfig
 from dapo.errors import TrainingDiverged, check_state_keys
-from dapo.logprobs import (
-    EAGER_RELEASE_TOKENS,
-    PACKED_FORWARD,
-    PackedRows,
-    eager_memory_release,
-    pack,
-    packed_logits,
-    pad_stack,
-    plan_micro_batches,
-    set_gradient_checkpointing,
-    split_by_response,
-    token_logprobs,
-    wants_checkpointing,
-)
+from dapo.logprobs import (EAGER_RELEASE_TOKENS, PACKED_FORWARD, PackedRows, eager_memory_release, pack, packed_logits,
+                           pad_stack, plan_micro_batches, set_gradient_checkpointing, split_by_response, token_logprobs,
+                           wants_checkpointing)
 from dapo.lora import adapters_disabled
 from dapo.loss import mismatch_stats, policy_loss, rollout_is_weights
 
@@ -218,7 +207,7 @@ class Actor:
             ref = self.reference_logprobs(plan)
             steps = self._passes(batch, plan, old, ref, train_step, on_grad_step)
         batch.old_logprobs = [old.get(r, torch.zeros(0)) for r in range(len(batch))]  # this rank's share
-        # Fresh rows only: a stale row's gap to its sampler is the policy's change, not a mismatch.
+        # Fresh rows only: a stale row's gap to its engine log-probs is the policy's change, not a mismatch.
         mismatch = self._mismatch(batch, {r: t for r, t in old.items() if r in measured and not batch.is_stale(r)})
         out = update_metrics(steps, self.metric_names())
         out["lr"] = self.scheduler.get_last_lr()[0]

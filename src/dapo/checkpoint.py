@@ -192,12 +192,8 @@ def load_sharded_state(checkpoint: Path, model: torch.nn.Module, optimizer: torc
     """Load dcp/ into `model` and `optimizer`, resharded to however many ranks run now (one
     process without a process group included)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
 
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     try:

@@ -22,18 +22,9 @@ import torch
 
 from dapo import distributed
 from dapo.build import Parts
-from dapo.checkpoint import (
-    RNG_DIR,
-    SHARDED_DIR,
-    checkpoint_dir,
-    latest_checkpoint,
-    load_sharded_state,
-    load_trainer_state,
-    quiet_progress_bars,
-    remove_stale_tmp,
-    save_checkpoint,
-    save_sharded_checkpoint,
-)
+from dapo.checkpoint import (RNG_DIR, SHARDED_DIR, checkpoint_dir, latest_checkpoint, load_sharded_state,
+                             load_trainer_state, quiet_progress_bars, remove_stale_tmp, save_checkpoint,
+                             save_sharded_checkpoint)
 from dapo.config import DAPOConfig
 from dapo.errors import CheckpointError, ResumeError
 from dapo.lora import ADAPTER_DIR, load_adapter
@@ -145,12 +136,8 @@ class Checkpointer:
     def _load_single_process_state(self, weights: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> None:
         """A checkpoint of one process resumed by several ranks: its full weights and optimizer
         state (keyed by parameter order) are distributed onto the shards."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
 
         p = self.parts
         full = StateDictOptions(full_state_dict=True)

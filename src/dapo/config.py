@@ -5,10 +5,9 @@ generated from these strings, so this file is the single source of truth.
 
 Defaults reproduce the seed example: the single "digit" prompt on the embedded
 SmolLM2-135M-Instruct. The seed ran 6 train steps of 25 samples and 5 gradient steps; we sample
-G = 32, take mu = 2 gradient steps per rollout at lr 3e-5 and run 12 steps. Measured over seeds
-0-2 (benchmarks/README.md): >= 0.8 "5" answers after 7-9 steps, the fastest in wall time of the
-settings tried (with 16 samples and 6 steps only some seeds got there: the clip range bounds how
-far each train step moves the policy).
+G = 32, take mu = 2 gradient steps per rollout at lr 3e-5 and run 12 steps: the clip range bounds
+how far each train step moves the policy, and of the settings benchmarks/README.md compares these
+learn the task fastest in wall time.
 """
 
 from __future__ import annotations
@@ -122,7 +121,7 @@ class DAPOConfig:
     max_prompt_len: int = _f(1024, "Longest prompt in tokens (after the chat template); longer is an error.",
                              group="rollout")
     max_new_tokens: int = _f(4, "L_max: longest response in tokens.", group="rollout")
-    rollout_engine: Literal["hf", "vllm"] = _f("hf", "Sampler of the rollouts: 'hf' (the training model itself, "
+    rollout_engine: Literal["hf", "vllm"] = _f("hf", "Rollout engine (the sampler of the rollouts): 'hf' (the training model itself, "
                                                "shared KV cache) or 'vllm' (an in-process vLLM engine, weights "
                                                "synced after every train step; pip install 'dapo-rl[vllm]').",
                                                group="rollout")
@@ -145,7 +144,7 @@ class DAPOConfig:
     overlong_filter: bool = _f(False, "Mask truncated responses out of the loss (overlong filtering).",
                                group="loss")
     rollout_correction: Literal["auto", "none", "tis", "mask"] = _f(
-        "auto", "Train-inference mismatch correction: 'tis' weighs each token by min(pi_old / pi_sampler, "
+        "auto", "Train-inference mismatch correction: 'tis' weighs each token by min(pi_old / pi_rollout, "
         "rollout_is_cap); 'mask' drops a response whose sequence ratio exceeds rollout_mask_ratio; 'auto': none "
         "with the hf engine (it samples from the trained weights), tis with vllm.", group="loss")
     old_logprobs: Literal["auto", "recompute", "engine"] = _f(
@@ -312,7 +311,7 @@ class DAPOConfig:
         """old_logprobs with 'auto' resolved: True when the engine's log-probs serve as pi_old."""
         if self.old_logprobs != "auto":
             return self.old_logprobs == "engine"
-        # float32 only: there the sampler's and the trainer's log-probs agree to ~1e-6; in bf16 the
+        # float32 only: there the engine's and the trainer's log-probs agree to ~1e-6; in bf16 the
         # KV-cache decode and the packed forward round differently (~1e-2 per token), noise that
         # would reach the ratio and its clipping. Unmeasured on a GPU, so bf16 recomputes.
         return (self.rollout_engine == "hf" and self.top_p == 1.0 and self.temperature > 0 and self.dtype == "float32"

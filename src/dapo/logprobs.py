@@ -11,7 +11,7 @@ path (the "rows" layout below).
 Only positions that predict a response token go through the LM head, which on a small-vocab
 model such as SmolLM2 (49k x 576 head) is a large share of the FLOPs.
 
-Long responses (issue 14) need three more things, all here:
+Long responses need three more things, all here:
 - `chunked_logprobs`: the LM head, log-softmax and entropy over `chunk_size` positions at a time,
   recomputed chunk by chunk in backward, so [N, V] logits never exist for more than a chunk.
 - The "rows" layout (`pack(..., layout="rows")`): one row per response, [prompt, response, pad...],
@@ -23,9 +23,7 @@ Long responses (issue 14) need three more things, all here:
 - `release_freed_memory_eagerly`: on Linux/glibc, large freed tensors go back to the OS instead
   of fragmenting the heap (peak RSS at long sequences drops by ~40%); `eager_memory_release` does
   it around the Actor's update of long micro-batches only, so sampling keeps the heap's speed.
-Measured on SmolLM2-135M (benchmarks/README.md, section 4): one forward+backward over 4
-responses of 2k tokens peaks at 4.7 GB (rows, checkpointing), 2.0 GB with the mmap threshold,
-where the shared mask with a dense head needed 6.3 GB for 4 x 512 tokens.
+benchmarks/README.md (long responses) measures the peak memory of each layout and option.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def policy_loss(
         clip_frac_low / clip_frac_high (share of valid tokens whose ratio was clipped from below /
         above in a way that zeroed its gradient), approx_kl (k3 estimate of KL(old || new)) and,
         when used, kl_ref.
-        is_weights: [B, L] detached per-token importance weights pi_old / pi_sampler (truncated
+        is_weights: [B, L] detached per-token importance weights pi_old / pi_rollout (truncated
         importance sampling, `rollout_is_weights`), multiplying each token's objective.
     """
     mask = response_mask.bool()
@@ -149,25 +149,25 @@ def policy_loss(
 RolloutCorrection = Literal["none", "tis", "mask"]
 
 
-def rollout_is_weights(old_log_prob: torch.Tensor, sampler_log_prob: torch.Tensor, response_mask: torch.Tensor,
+def rollout_is_weights(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor,
                        mode: RolloutCorrection, cap: float = 2.0, mask_ratio: float = 3.0
                        ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Correct for the rollout engine sampling from a slightly different policy than the trainer's
     (a vLLM engine in bf16, other kernels): train-inference mismatch.
 
     - "tis", truncated importance sampling (Yao et al. 2025; verl's rollout_is): per token
-      w = min(exp(old_log_prob - sampler_log_prob), cap), multiplying the token's objective.
+      w = min(exp(old_log_prob - rollout_log_prob), cap), multiplying the token's objective.
     - "mask", sequence masking (TRL 1.16's default with vLLM): a response whose sequence ratio
       exp(sum_t (old - sampler)) exceeds mask_ratio is left out of the loss (its tokens still count
       in the denominators, like an overlong-filtered one).
     - "none": nothing.
-    Args: old_log_prob, sampler_log_prob, response_mask: [B, L].
+    Args: old_log_prob, rollout_log_prob, response_mask: [B, L].
     Returns: (is_weights [B, L] or None, response_mask [B, L] with masked responses zeroed).
     """
     mask = response_mask.bool()
     if mode == "none":
         return None, response_mask
-    log_ratio = _masked(old_log_prob - sampler_log_prob, mask)
+    log_ratio = _masked(old_log_prob - rollout_log_prob, mask)
     if mode == "tis":
         return torch.exp(torch.clamp(log_ratio, max=math.log(cap))), response_mask
     if mode == "mask":
@@ -176,11 +176,11 @@ def rollout_is_weights(old_log_prob: torch.Tensor, sampler_log_prob: torch.Tenso
     raise ValueError(f"unknown rollout correction {mode!r}; use none, tis or mask")
 
 
-def mismatch_stats(trainer_log_prob: torch.Tensor, sampler_log_prob: torch.Tensor,
+def mismatch_stats(trainer_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
                    response_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Train-inference mismatch over valid tokens [B, L]: k3 estimate of KL(pi_sampler || pi_trainer)
-    (the tokens were drawn from the sampler), and the largest |log-prob difference|."""
+    """Train-inference mismatch over valid tokens [B, L]: k3 estimate of KL(pi_rollout || pi_trainer)
+    (the tokens were drawn from the rollout engine), and the largest |log-prob difference|."""
     mask = response_mask.bool()
-    delta = _masked(trainer_log_prob - sampler_log_prob, mask)
+    delta = _masked(trainer_log_prob - rollout_log_prob, mask)
     n = torch.clamp(mask.sum(), min=1)
     return {"mismatch_kl": kl_k3(torch.zeros_like(delta), delta).sum() / n, "mismatch_max_abs": delta.abs().max()}

@@ -1,9 +1,10 @@
 """Resuming a run: the pieces of trainer state that are not plain tensors, as pure functions.
 
-`Trainer.state_dict` (trainer.py) gathers the whole state from the Actor (optimizer, schedule),
-the BatchCollector (sampler position, dynamic-sampling buffer as TrainBatch columns) and the RNGs;
-this module turns RNG states into plain containers and tensors (so `torch.load(weights_only=True)`
-reads them back), builds the config of a resumed run, and trims the logs to the checkpoint.
+`Checkpointer.state_dict` (checkpointer.py) gathers the whole state from the Actor (optimizer,
+schedule), the BatchCollector (prompt sampler position, dynamic-sampling buffer as TrainBatch
+columns), the engine and the RNGs; this module turns RNG states into plain containers and tensors
+(so `torch.load(weights_only=True)` reads them back), finds the checkpoint to resume from, builds
+the config of a resumed run, and trims the logs to the checkpoint.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
   run (context manager; also released by the kernel on any exit, SIGKILL included, so a lock
   left by a dead process is never "stale": the next run simply takes it). The holder's pid, host
   and start time are written inside for the refusal message. Re-entrant within one process (the
-  CLI holds it across resume + train, and `Run.train` takes it again). Under torchrun only rank 0
+  CLI holds it across resume + train, and `dapo.trainer.train` takes it again). Under torchrun only rank 0
   takes it (the other ranks get a lock that holds nothing).
 - `prepare_run_dir(run_dir, config, resuming)`: a new run refuses a directory that already holds
   a run unless `config.overwrite`, which first deletes that run's files and checkpoints; then

@@ -8,7 +8,7 @@ are (lambdas, closures, functions from files), with no pickling; only data cross
 Why they are safe for reward functions that use torch or numpy: a child forked from a process
 whose OpenMP pool has run hangs on its first parallel region (GNU libgomp is not fork-safe), so
 each worker sets torch to one thread before it calls anything; a parallel region is then never
-entered (tests/test_scorer.py shows the hang is gone with the trainer at 2 threads).
+entered (a test runs a torch reward function with the trainer at 2 threads).
 Workers live as long as the scorer: a round costs two pipe messages per function, not a process
 start per group and function (benchmarks/README.md: reward-scoring overhead).
 """
@@ -27,16 +27,8 @@ import torch
 
 from dapo.errors import RewardError
 from dapo.progress import stderr_warning
-from dapo.rewards import (
-    RewardFn,
-    RewardFunction,
-    TrainerState,
-    _text,
-    all_none_warning,
-    as_completions,
-    call_reward,
-    check_reward_values,
-)
+from dapo.rewards import (RewardFn, RewardFunction, TrainerState, _text, all_none_warning, as_completions, call_reward,
+                          check_reward_values)
 
 
 @dataclass

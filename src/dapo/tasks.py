@@ -14,16 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from dapo.data import Record, load_records
 from dapo.errors import DataError
-from dapo.rewards import (
-    NEEDS_ANSWER,
-    RewardFn,
-    RewardFunction,
-    as_reward_functions,
-    build_reward_functions,
-    digit_accuracy,
-    digit_reward,
-    numeric_reward,
-)
+from dapo.rewards import (NEEDS_ANSWER, RewardFn, RewardFunction, as_reward_functions, build_reward_functions,
+                          digit_accuracy, digit_reward, numeric_reward)
 
 if TYPE_CHECKING:
     from dapo.config import DAPOConfig

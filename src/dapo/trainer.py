@@ -16,7 +16,6 @@ rank 0 alone evaluates and reports, and what it finds (scores or an error) reach
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,18 +33,12 @@ from dapo.build import build
 from dapo.checkpoint import estimate_checkpoint_bytes, latest_checkpoint
 from dapo.checkpointer import Checkpointer, generation_seed
 from dapo.config import DAPOConfig
-from dapo.errors import (
-    DapoError,
-    DynamicSamplingExhausted,
-    OutOfMemory,
-    ResumeError,
-    TrainingDiverged,
-    TrainingInterrupted,
-    oom_guard,
-)
+from dapo.errors import (DapoError, DynamicSamplingExhausted, OutOfMemory, ResumeError, TrainingDiverged,
+                         TrainingInterrupted, oom_guard)
 from dapo.metrics import sample_rows
 from dapo.reporting import Reporter, make_reporter
 from dapo.rundir import acquire_run_lock, claim_run_dir
+from dapo.signals import GracefulStop
 
 
 @dataclass
@@ -69,7 +62,8 @@ class Trainer:
         self.parts = p = build(c, self.reporter, **parts)
         self.task, self.model, self.tokenizer, self.engine = p.task, p.model, p.tokenizer, p.engine
         self.actor, self.collector = p.actor, p.collector
-        self.step, self.resumed_from, self.stop_signal = 0, None, None
+        self.step, self.resumed_from = 0, None
+        self.stop = GracefulStop(lambda: (self.step, c.train_steps), self.reporter.warning)
         self.run_dir = Path(c.output_dir or f"runs/{c.task if c.data is None else 'data'}-{datetime.now():%Y%m%d-%H%M%S}")
         if distributed.world_size() > 1:  # one run directory (rank 0's clock); each rank its own samples
             self.run_dir = Path(distributed.broadcast_object(str(self.run_dir)))
@@ -82,9 +76,8 @@ class Trainer:
         """Train to `train_steps`, from step 0 or from the checkpoint `restore` loaded.
 
         Raises TrainingInterrupted after writing a checkpoint when SIGINT/SIGTERM arrived."""
-        c, display, start, solved = self.config, self.reporter.display, time.perf_counter(), None
-        self._final_checkpoint: Path | None = None
-        with self._stop_on_signal(), acquire_run_lock(self.run_dir), self._reporting():
+        c, start, solved, stop = self.config, time.perf_counter(), None, self.stop
+        with stop, acquire_run_lock(self.run_dir), self._reporting():
             display = self.reporter.display
             try:
                 before = {} if self.resumed_from else self._evaluate("before training")
@@ -119,19 +112,19 @@ class Trainer:
                         self._evaluate(f"at step {self.step}")
                     if c.save_every and self.step % c.save_every == 0 and self.step < c.train_steps:
                         self.checkpointer.save(self.step)
-                    if distributed.any_rank(self.stop_signal is not None):
-                        self.stop_signal = self.stop_signal or signal.SIGTERM  # all ranks stop together
-                    if self.stop_signal is not None and self.step < c.train_steps:
+                    if distributed.any_rank(stop.signum is not None):
+                        stop.signum = stop.signum or signal.SIGTERM  # all ranks stop together
+                    if stop.signum is not None and self.step < c.train_steps:
                         self.checkpointer.save_if_new(self.step)
                         raise TrainingInterrupted(f"Interrupted at step {self.step}; resume with: dapo train --resume "
-                                                  f"{self.run_dir}{nproc_option()}", self.stop_signal)
+                                                  f"{self.run_dir}{nproc_option()}", stop.signum)
                 display.close()
                 checkpoint = self.save()  # before the final evaluation: a kill during it loses nothing trained
-                if self.stop_signal is not None:
+                if stop.signum is not None:
                     raise TrainingInterrupted(f"Interrupted at the end of training: all {self.step} train steps are "
                                               f"saved in {checkpoint}; the final evaluation was skipped (dapo eval "
-                                              f"--model {self.run_dir} runs it)", self.stop_signal)
-                self._final_checkpoint = checkpoint  # from here on a signal stops the final evaluation at once
+                                              f"--model {self.run_dir} runs it)", stop.signum)
+                stop.final_checkpoint = checkpoint  # from here on a signal stops the final evaluation at once
                 after = self._evaluate("after training")
             except TrainingDiverged as e:
                 last = latest_checkpoint(self.run_dir)
@@ -186,37 +179,6 @@ class Trainer:
         finally:
             self.reporter.close()
             self.parts.close()
-
-    @contextmanager
-    def _stop_on_signal(self) -> Iterator[None]:
-        """The first SIGINT/SIGTERM asks the loop to stop after the current train step and write a
-        checkpoint. The handlers then revert to the defaults, so a second signal exits at once;
-        that is safe because a checkpoint is only ever renamed into place complete."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def request_stop(signum: int, frame: Any) -> None:
-            self.stop_signal = signum
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            if self._final_checkpoint is not None:  # everything is saved: stop the final evaluation now
-                raise TrainingInterrupted(f"Stopped during the final evaluation; training finished at step "
-                                          f"{self.step}, saved in {self._final_checkpoint}", signum)
-            what = (f"stopping after train step {self.step + 1} and writing a checkpoint"
-                    if self.step < self.config.train_steps else
-                    f"training is done (step {self.step}); writing its checkpoint and skipping the final evaluation")
-            self.reporter.warning(f"\ndapo: {signal.Signals(signum).name} received; {what} (press Ctrl-C again to "
-                                  "quit at once)")
-
-        for s in previous:
-            signal.signal(s, request_stop)
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
 
 def nproc_option() -> str:

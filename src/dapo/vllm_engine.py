@@ -1,7 +1,7 @@
 """Rollouts with vLLM, colocated in the training process.
 
 `VLLMEngine` implements `dapo.engines.RolloutEngine`: token-id prompts in, the n sampled
-responses per prompt out, each with the sampler's own log-probs ("processed" log-probs: after
+responses per prompt out, each with the engine's own log-probs ("processed" log-probs: after
 temperature and top-p, the distribution the token was drawn from). `sync_weights(model)` copies
 the trainer's current weights into the engine in place (no files, no second process).
 
@@ -212,7 +212,7 @@ class VLLMEngine(RolloutEngine):
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Samples]:
         """n samples for each prompt. Stop tokens are exactly `sampling.stop_token_ids` (the
         model's own EOS is not added); a response keeps its stop token. Log-probs are the
-        sampler's (temperature and top-p applied); at temperature 0 (greedy) they are None and the
+        engine's (temperature and top-p applied); at temperature 0 (greedy) they are None and the
         n responses are copies of the one greedy answer.
 
         Seeded: the same engine seed and the same sequence of calls give the same samples.
