@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The vLLM rollout engine's tests (tests/test_vllm_engine.py) in their own virtualenv, .venv-vllm,
+# The vLLM rollout engine's tests (tests/e2e/test_vllm_engine.py) in their own virtualenv, .venv-vllm,
 # built on first use with the recipe of docs/vllm.md. Called by .ci/run; runnable alone:
 #   bash .ci/vllm.sh [pytest args]
 # Fresh install: ~3.5 min and 3.8 GB here (2 cores, local wheel mirror); the tests: ~5 min.
@@ -36,6 +36,6 @@ fi
 
 # The tests size the engine's KV cache themselves (1 GiB); VLLM_CPU_KVCACHE_SPACE would override it.
 unset VLLM_CPU_KVCACHE_SPACE
-"$VENV/bin/python" -m pytest tests/test_vllm_engine.py tests/test_vllm_training.py tests/test_vllm_missing.py -v -p no:cacheprovider \
+"$VENV/bin/python" -m pytest tests/e2e/test_vllm_engine.py tests/e2e/test_vllm_training.py tests/unit/test_vllm_missing.py -v -p no:cacheprovider \
     -W ignore::DeprecationWarning -W ignore::FutureWarning "$@"
 echo "vllm tests: $(( $(date +%s) - start )) s in all"

@@ -29,6 +29,9 @@ import torch
 from dapo.engines import RolloutEngine, Samples
 from dapo.tasks import Task
 
+TESTS = Path(__file__).resolve().parent  # tests/: unit/ and e2e/ below it, this kit and fixtures/ in it
+REPO = TESTS.parent
+
 PROMPTS = [{"prompt": f"Say a word that starts with letter {c}."} for c in "abcde"]
 
 
@@ -67,7 +70,7 @@ def toy_task(name: str = "toy") -> Task:
 
 
 # Options shared by every resume test: fixed rounds of gen_batch_size > train_batch_size leave
-# groups in the dynamic-sampling buffer across steps (tests/test_dynamic_sampling.py resumes the
+# groups in the dynamic-sampling buffer across steps (tests/unit/test_dynamic_sampling.py resumes the
 # default streaming refill); two mini-batches, mu 2, warm-up and a cosine schedule
 # exercise the optimizer and scheduler state.
 TOY_OPTIONS = dict(group_size=4, max_new_tokens=3, train_batch_size=2, gen_batch_size=3, mini_batch_size=1, mu=2,

@@ -1,4 +1,4 @@
-"""Issue 15, "Runs that survive, round two": run-directory ownership, damaged state, absolute paths,
+"""Runs that survive: run-directory ownership, damaged state, absolute paths,
 the final checkpoint, checkpoint verification, untrusted code in run directories, out of memory.
 
 Every CLI failure here is one `dapo: error:` line (exit 2, no traceback)."""

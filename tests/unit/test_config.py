@@ -77,7 +77,7 @@ def test_readme_documents_every_field():
 
     from dapo.config import markdown_table
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [f.name for f in fields(DAPOConfig) if f"| `{f.name}` |" not in readme]
     assert not missing, f"README config table lacks {missing}; regenerate it with dapo.config.markdown_table()"
     assert markdown_table() in readme, "README config table is out of date: regenerate it with markdown_table()"

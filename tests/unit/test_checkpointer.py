@@ -19,9 +19,9 @@ from dapo.checkpoint import write_manifest
 from dapo.checkpointer import upgrade
 from dapo.errors import CheckpointError
 from dapo.trainer import Trainer
-from toy_run import TOY_OPTIONS, fails_with, toy_task, train
+from toy_run import TESTS, TOY_OPTIONS, fails_with, toy_task, train
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = TESTS / "fixtures"
 
 
 def unpack_v2_run(tmp_path: Path) -> Path:

@@ -12,7 +12,7 @@ from dapo import DAPOConfig
 from dapo.errors import DynamicSamplingExhausted
 from dapo.sampling import accuracy_lower_bound, binomial_tail, refill_size, skip_probability
 from dapo.trainer import Trainer, train
-from test_sampling import ALL_MAX, ALL_MIN, MIXED_A, G, make_run
+from test_collector import ALL_MAX, ALL_MIN, MIXED_A, G, make_run
 from toy_run import TOY_OPTIONS, toy_task
 
 

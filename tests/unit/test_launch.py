@@ -19,7 +19,7 @@ import pytest
 from dapo import launch
 from toy_run import toy_argv
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: toy_run.py
 SRC = TESTS.parent / "src"
 
 

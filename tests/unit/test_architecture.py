@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parent.parent / "src" / "dapo"
+from toy_run import REPO
+
+SRC = REPO / "src" / "dapo"
 
 
 def imports_of(path: Path) -> set[str]:

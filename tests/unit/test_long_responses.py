@@ -1,4 +1,4 @@
-"""Long responses in bounded memory (issue 14): the chunked LM head, the rows layout, the layout
+"""Long responses in bounded memory: the chunked LM head, the rows layout, the layout
 choice and gradient checkpointing all leave log-probs and gradients unchanged."""
 
 import pytest
@@ -306,7 +306,7 @@ def test_update_releases_memory_eagerly_only_for_long_micro_batches(tokenizer, m
     from dapo.actor import Actor
     from dapo.config import DAPOConfig
 
-    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from common import synthetic_batch
 
     seen = []

@@ -1,5 +1,5 @@
 """One test per seam of the trainer: TrainBatch, RewardScorer (batching, time limit, torch in the
-worker), Actor.train_step (micro-batch invariance), and the Trainer with an injected engine."""
+worker), Actor.optimizer_step (micro-batch invariance), and the Trainer with an injected engine."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def test_torch_reward_on_the_default_run_with_two_threads(tokenizer, tiny, tmp_p
 
 
 # --- Actor -----------------------------------------------------------------------------------------
-def test_actor_train_step_does_not_depend_on_the_micro_batch_split(tokenizer, tiny):
+def test_actor_optimizer_step_does_not_depend_on_the_micro_batch_split(tokenizer, tiny):
     """One optimizer step on one mini-batch, packed as one micro-batch or as many: the same
     objective, metrics and gradient (the global denominators make the micro-batch losses add up)."""
     from test_logprobs import make_batch

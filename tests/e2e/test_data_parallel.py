@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from dapo.checkpoint import RNG_DIR, SHARDED_DIR, latest_checkpoint, list_checkpoints, verify_checkpoint
 from toy_run import toy_argv
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: toy_run.py
 SRC = TESTS.parent / "src"
 
 

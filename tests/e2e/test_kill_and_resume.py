@@ -20,7 +20,7 @@ from dapo.resume import find_checkpoint
 from dapo.trainer import Trainer
 from toy_run import TOY_OPTIONS, toy_argv, toy_task
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: toy_run.py
 
 
 def toy_run(model_dir: Path, out: Path, **changes) -> Trainer:

@@ -1,4 +1,4 @@
-"""Issue 10: a TRL user moves over unchanged. Reward functions as TRL passes and combines them,
+"""A TRL user moves over unchanged. Reward functions as TRL passes and combines them,
 the Python API with plain callables, answer columns, save_to_disk datasets, quiet logs."""
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def test_accuracy_reward_names_another_function_and_data_needs_no_config_reward(
 def test_readme_documents_train_arguments_and_train_result():
     from dapo.trainer import TrainResult
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme[readme.index("### Python API"):readme.index("## Configuration")]
     for name in ("reward_fns", "task", "model", "tokenizer", "resume", "config.accuracy_reward"):
         assert f"`{name}`" in section, name
@@ -314,7 +314,7 @@ def test_an_error_in_evaluation_names_the_users_function(tokenizer, tiny):
 
 
 def test_docs_have_a_coming_from_trl_section():
-    text = (Path(__file__).parent.parent / "docs" / "data.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "data.md").read_text()
     section = text[text.index("## Coming from TRL"):]
     for needle in ("completion_ids", "trainer_state", "log_extra", "log_metric", "None", "reward_weights",
                    "answer_column", "accuracy_reward", "save_to_disk", "NaN", "system"):
