@@ -34,7 +34,8 @@ PANELS: tuple[Panel, ...] = (
     Panel("Reward (mean over sampled responses)", "reward", (
         Series("reward_mean", "all sampled"), Series("batch_reward_mean", "train batch (kept groups)", "--"))),
     Panel("Accuracy", "share correct", (
-        Series("accuracy", "train samples"), Series("eval:avg@*", "eval avg@k", "--"),
+        Series("accuracy", "all sampled"), Series("batch_accuracy", "train batch (kept groups)", "-."),
+        Series("eval:avg@*", "eval avg@k", "--"),
         Series("eval:pass@*", "eval pass@k", ":"))),
     Panel("Response length", "tokens", (
         Series("response_length_mean", "mean"), Series("response_length_max", "max", "--"))),
