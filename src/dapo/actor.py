@@ -35,7 +35,7 @@ from dapo.logprobs import (EAGER_RELEASE_TOKENS, PACKED_FORWARD, PackedRows, eag
                            pad_stack, plan_micro_batches, set_gradient_checkpointing, split_by_response, token_logprobs,
                            wants_checkpointing)
 from dapo.lora import adapters_disabled
-from dapo.loss import mismatch_stats, policy_loss, rollout_is_weights
+from dapo.loss import correction_stats, mismatch_stats, policy_loss, rollout_is_weights
 
 
 @dataclass
@@ -135,16 +135,20 @@ class Actor:
                     old[row] = t.detach()
             old_lp = pad_stack([old[r] for r in rows])
             mask = pad_stack([torch.ones_like(t) for t in per_resp])
-            is_weights = None
+            is_weights, corrected = None, {}
             if engine is not None and c.correction != "none":
-                is_weights, mask = rollout_is_weights(old_lp, pad_stack([engine[r] for r in rows]).to(lp.device),
-                                                      mask, c.correction, c.rollout_is_cap, c.rollout_mask_ratio)
+                is_weights, new_mask = rollout_is_weights(old_lp, pad_stack([engine[r] for r in rows]).to(lp.device),
+                                                          mask, c.correction, c.rollout_is_cap, c.rollout_mask_ratio,
+                                                          c.rollout_geo_ratio)
+                corrected = correction_stats(is_weights, mask, new_mask, c.rollout_is_cap)
+                mask = new_mask
             loss, m = policy_loss(
                 pad_stack(per_resp), old_lp, advantages[rows].to(lp.device), mask,
-                c.eps_low, c.eps_high, c.clip_ratio_c, c.loss_agg,
+                c.eps_low, c.eps_high, c.clip_ratio_c, c.loss_agg, loss=c.policy_loss, loss_options=c.loss_options,
                 ref_log_prob=pad_stack([ref[r] for r in rows]) if ref else None,
                 kl_coef=c.kl_coef, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=c.max_new_tokens,
                 is_weights=is_weights)
+            m.update(corrected)
             # FSDP averages gradients over ranks; the loss holds this rank's share of the global sum.
             (loss * self.world if self.world > 1 else loss).backward()
             objective = objective - loss.detach()
@@ -180,7 +184,11 @@ class Actor:
 
     def metric_names(self) -> list[str]:
         """policy_loss's metrics, the same on every rank (a rank with only dummies has none)."""
-        return ["clip_frac_low", "clip_frac_high", "approx_kl"] + (["kl_ref"] if self.ref_model is not None else [])
+        c = self.config
+        return (["clip_frac_low", "clip_frac_high", "approx_kl"]
+                + (["cov_selected"] if c.policy_loss in ("clip_cov", "kl_cov") else [])
+                + (["kl_ref"] if self.ref_model is not None else [])
+                + (["rollout_is_weight", "rollout_is_capped", "rollout_masked"] if c.correction != "none" else []))
 
     def _checkpointing(self, packed: PackedRows) -> None:
         """Activation checkpointing for this micro-batch ("auto": only one over the token budget,

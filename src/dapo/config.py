@@ -25,6 +25,7 @@ from dapo.errors import ConfigError
 # Names the config validates against; the modules that implement them import these (this module is
 # a leaf: `import dapo.config` imports neither torch nor any other stage).
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+PolicyLoss = Literal["vanilla", "gspo", "cispo", "sapo", "clip_cov", "kl_cov", "geo_mean"]  # loss.POLICY_LOSSES
 BUILTIN_TASK_NAMES = ("digit", "arithmetic")  # tasks.BUILTIN_TASKS implements each
 TRACKERS = ("tensorboard", "wandb")           # trackers.make_trackers builds each
 
@@ -121,8 +122,8 @@ class DAPOConfig:
     max_prompt_len: int = _f(1024, "Longest prompt in tokens (after the chat template); longer is an error.",
                              group="rollout")
     max_new_tokens: int = _f(4, "L_max: longest response in tokens.", group="rollout")
-    rollout_engine: Literal["hf", "vllm"] = _f("hf", "Rollout engine (the sampler of the rollouts): 'hf' (the training model itself, "
-                                               "shared KV cache) or 'vllm' (an in-process vLLM engine, weights "
+    rollout_engine: Literal["hf", "vllm"] = _f("hf", "Rollout engine (the sampler of the rollouts): 'hf' (the training "
+                                               "model itself, shared KV cache) or 'vllm' (an in-process vLLM engine, weights "
                                                "synced after every train step; pip install 'dapo-rl[vllm]').",
                                                group="rollout")
     vllm_gpu_memory_utilization: float = _f(0.3, "With --rollout-engine vllm on a GPU: share of GPU memory vLLM "
@@ -143,10 +144,13 @@ class DAPOConfig:
                                         group="loss")
     overlong_filter: bool = _f(False, "Mask truncated responses out of the loss (overlong filtering).",
                                group="loss")
-    rollout_correction: Literal["auto", "none", "tis", "mask"] = _f(
-        "auto", "Train-inference mismatch correction: 'tis' weighs each token by min(pi_old / pi_rollout, "
-        "rollout_is_cap); 'mask' drops a response whose sequence ratio exceeds rollout_mask_ratio; 'auto': none "
-        "with the hf engine (it samples from the trained weights), tis with vllm.", group="loss")
+    rollout_correction: Literal["auto", "none", "tis", "seq_tis", "mask", "seq_mis"] = _f(
+        "auto", "Train-inference mismatch correction (r = pi_old / pi_rollout): 'tis' weighs each token by "
+        "min(r_t, rollout_is_cap); 'seq_tis' weighs every token of a response by min(prod_t r_t, rollout_is_cap); "
+        "'mask' drops a response whose sequence ratio prod_t r_t exceeds rollout_mask_ratio (TRL's default); "
+        "'seq_mis' drops a response whose geometric-mean ratio exp(mean_t log r_t) is outside [1 / "
+        "rollout_geo_ratio, rollout_geo_ratio] (verl's geometric rejection); 'auto': none with the hf engine (it "
+        "samples from the trained weights), tis with vllm.", group="loss")
     old_logprobs: Literal["auto", "recompute", "engine"] = _f(
         "auto", "Where the old policy's log-probs (the ratio's pi_old) of the second and later mini-batches come "
         "from: 'recompute' runs a no-grad forward of the trainer over them; 'engine' takes the rollout engine's "
@@ -159,10 +163,40 @@ class DAPOConfig:
                                group="loss")
     rollout_mask_ratio: float = _f(3.0, "Sequence ratio above which rollout_correction 'mask' drops a response.",
                                    group="loss")
+    rollout_geo_ratio: float = _f(1.01, "Bound of rollout_correction 'seq_mis' on the geometric-mean ratio of a "
+                                  "response (two-sided: [1/x, x]; verl's preset for bf16 engines is 1.001).",
+                                  group="loss")
     normalize_std: bool = _f(True, "Divide group advantages by the group std (GRPO/DAPO); off is Dr. GRPO.",
                              group="loss")
-    eps_low: float = _f(0.2, "Lower clip range: ratio floor 1 - eps_low.", group="loss")
-    eps_high: float = _f(0.28, "Upper clip range: ratio ceiling 1 + eps_high (clip-higher).", group="loss")
+    policy_loss: PolicyLoss = _f(
+        "vanilla", "The per-token policy loss (verl's names), each with its paper's settings in configs/<name>.yaml: "
+        "'vanilla' (DAPO's Eq. 8: clip-higher with eps_low/eps_high); 'gspo' (GSPO, arXiv 2507.18071: one "
+        "length-normalised sequence ratio per response, clipped to eps 3e-4/4e-4, about 1e3 times narrower than "
+        "PPO's; seq-mean-token-mean); 'cispo' (CISPO, MiniMax-M1: the clipped importance weight, detached, times "
+        "log-prob, so clipped tokens keep a gradient; eps_low 10 = no lower bound, eps_high tuned); 'sapo' (SAPO, "
+        "arXiv 2511.20347: a sigmoid gate of temperature sapo_tau_pos/sapo_tau_neg instead of a hard clip; "
+        "seq-mean-token-mean); 'clip_cov' / 'kl_cov' (arXiv 2505.22617: against entropy collapse, the tokens of "
+        "highest covariance between log-prob and advantage lose their gradient / get a KL penalty); 'geo_mean' "
+        "(GMPO, arXiv 2507.20673: geometric mean of the token ratios, clipped in log space to eps 0.4/0.4).",
+        group="loss")
+    eps_low: float = _f(0.2, "Lower clip range: ratio floor 1 - eps_low (geo_mean: log-ratio floor -eps_low).",
+                        group="loss")
+    eps_high: float = _f(0.28, "Upper clip range: ratio ceiling 1 + eps_high (clip-higher; geo_mean: log-ratio "
+                         "ceiling eps_high).", group="loss")
+    sapo_tau_pos: float = _f(1.0, "policy_loss 'sapo': gate temperature for positive advantages (paper: 1.0).",
+                             group="loss")
+    sapo_tau_neg: float = _f(1.05, "policy_loss 'sapo': gate temperature for non-positive advantages (paper: 1.05).",
+                             group="loss")
+    clip_cov_ratio: float = _f(2e-4, "policy_loss 'clip_cov': share of tokens (at least one) whose gradient is "
+                               "removed (paper: 2e-4).", group="loss")
+    clip_cov_lb: float = _f(1.0, "policy_loss 'clip_cov': lower bound of the covariance of a candidate token.",
+                            group="loss")
+    clip_cov_ub: float = _f(5.0, "policy_loss 'clip_cov': upper bound of the covariance of a candidate token.",
+                            group="loss")
+    kl_cov_ratio: float = _f(2e-3, "policy_loss 'kl_cov': share of tokens (at least one, highest covariance) that "
+                             "get the KL penalty (paper: 2e-3).", group="loss")
+    kl_cov_coef: float = _f(1.0, "policy_loss 'kl_cov': coefficient of the |log pi - log pi_old| penalty (paper: 1).",
+                            group="loss")
     clip_ratio_c: float | None = _f(None, "Dual-clip bound for negative advantages (> 1); None: the paper's "
                                     "formula.", group="loss")
     loss_agg: LossAgg = _f("token-mean", "Loss aggregation: token-mean (DAPO), seq-mean-token-mean (GRPO), "
@@ -262,10 +296,21 @@ class DAPOConfig:
             if not (0 < getattr(self, name) <= 1):
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         for name in ("eps_low", "eps_high"):
-            if not (0 <= getattr(self, name) < 10):
-                raise ConfigError(f"{name} must be in [0, 10), got {getattr(self, name)}")
-        if self.eps_low >= 1:
-            raise ConfigError(f"eps_low must be < 1 (the ratio floor 1 - eps_low must stay positive), got {self.eps_low}")
+            if not (0 <= getattr(self, name) <= 100):
+                raise ConfigError(f"{name} must be in [0, 100], got {getattr(self, name)}")
+        if self.eps_low > 1 and self.policy_loss not in ("cispo", "geo_mean"):
+            raise ConfigError(f"eps_low must be <= 1 (the ratio floor 1 - eps_low must not be negative), got "
+                              f"{self.eps_low}; only policy_loss cispo (a weight floor) and geo_mean (a log-ratio floor) "
+                              "take larger values")
+        if self.clip_ratio_c is not None and self.policy_loss != "vanilla":
+            raise ConfigError(f"clip_ratio_c (dual clip) applies to policy_loss 'vanilla' only, not {self.policy_loss!r}")
+        for name in ("sapo_tau_pos", "sapo_tau_neg", "clip_cov_ratio", "kl_cov_ratio"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.clip_cov_lb < self.clip_cov_ub:
+            raise ConfigError(f"clip_cov_lb ({self.clip_cov_lb}) must be below clip_cov_ub ({self.clip_cov_ub})")
+        if not self.rollout_geo_ratio >= 1:
+            raise ConfigError(f"rollout_geo_ratio must be >= 1, got {self.rollout_geo_ratio}")
         if self.clip_ratio_c is not None and self.clip_ratio_c <= 1:
             raise ConfigError(f"clip_ratio_c must be > 1 (or null), got {self.clip_ratio_c}")
         if self.lora_rank < 0:
@@ -323,6 +368,14 @@ class DAPOConfig:
         if self.rollout_correction != "auto":
             return self.rollout_correction
         return "tis" if self.rollout_engine == "vllm" else "none"
+
+    @property
+    def loss_options(self) -> dict[str, float]:
+        """The settings of `policy_loss` beyond its clip range (loss.policy_loss's loss_options)."""
+        return {"sapo": {"tau_pos": self.sapo_tau_pos, "tau_neg": self.sapo_tau_neg},
+                "clip_cov": {"clip_cov_ratio": self.clip_cov_ratio, "clip_cov_lb": self.clip_cov_lb,
+                             "clip_cov_ub": self.clip_cov_ub},
+                "kl_cov": {"kl_cov_ratio": self.kl_cov_ratio, "kl_cov_coef": self.kl_cov_coef}}.get(self.policy_loss, {})
 
     @property
     def groups_per_mini_batch(self) -> int:

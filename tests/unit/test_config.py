@@ -13,7 +13,10 @@ def test_defaults_are_the_seed_example():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"group_size": 1}, "group_size must be >= 2"),
-    ({"eps_low": 1.5}, "eps_low must be < 1"),
+    ({"eps_low": 1.5}, "eps_low must be <= 1"),
+    ({"clip_ratio_c": 3.0, "policy_loss": "gspo"}, "clip_ratio_c (dual clip) applies to policy_loss 'vanilla' only"),
+    ({"sapo_tau_neg": 0}, "sapo_tau_neg must be > 0"),
+    ({"clip_cov_lb": 5.0}, "clip_cov_lb (5.0) must be below clip_cov_ub (5.0)"),
     ({"lr": -1.0}, "lr must be a positive number"),
     ({"top_p": 0.0}, "top_p must be in"),
     ({"loss_agg": "mean"}, "loss_agg must be one of"),
@@ -25,6 +28,19 @@ def test_defaults_are_the_seed_example():
 def test_bad_values_name_the_field(kwargs, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         DAPOConfig(**kwargs)
+
+
+def test_each_policy_loss_takes_its_papers_settings():
+    """CISPO's weight floor and GMPO's log-ratio floor may exceed 1; the presets in configs/ load."""
+    from pathlib import Path
+
+    assert DAPOConfig(policy_loss="cispo", eps_low=10.0).eps_low == 10.0
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    for name in ("gspo", "cispo", "sapo", "clip_cov", "kl_cov", "geo_mean"):
+        config = DAPOConfig.from_yaml(configs / f"{name}.yaml")
+        assert config.policy_loss == name
+    assert DAPOConfig.from_yaml(configs / "gspo.yaml").loss_agg == "seq-mean-token-mean"
+    assert DAPOConfig(policy_loss="kl_cov").loss_options == {"kl_cov_ratio": 2e-3, "kl_cov_coef": 1.0}
 
 
 def test_unknown_key_suggests_the_field(tmp_path):
@@ -51,7 +67,7 @@ def test_round_trip(tmp_path):
 def test_cli_reports_bad_value_without_traceback(capsys):
     assert main(["train", "--eps-high", "-1"]) == 2
     err = capsys.readouterr().err
-    assert "eps_high must be in [0, 10), got -1.0" in err and "Traceback" not in err
+    assert "eps_high must be in [0, 100], got -1.0" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "plot"])
