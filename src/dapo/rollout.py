@@ -38,14 +38,8 @@ class HFEngine(RolloutEngine):
         return cls(model, pad_id, config.shared_prompt)
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Samples]:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return generate(self.model, prompt_ids, n, sampling.max_new_tokens, set(sampling.stop_token_ids),
-                            self.pad_id, sampling.temperature, sampling.top_p, shared_prompt=self.shared_prompt,
-                            max_rows=self.max_rows)
-        finally:
-            self.model.train(was_training)
+        return generate(self.model, prompt_ids, n, sampling.max_new_tokens, set(sampling.stop_token_ids), self.pad_id,
+                        sampling.temperature, sampling.top_p, shared_prompt=self.shared_prompt, max_rows=self.max_rows)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -94,9 +88,16 @@ def generate(
     """
     out: list[Samples] = []
     per_chunk = max(1, max_rows // group_size)
-    for start in range(0, len(prompts), per_chunk):
-        out.extend(_generate_chunk(model, prompts[start:start + per_chunk], group_size, max_new_tokens, eos_ids,
-                                   pad_id, temperature, top_p, shared_prompt, generator))
+    # Sampling runs in eval mode: before transformers 5.24 a model in train mode with gradient
+    # checkpointing on returns no KV cache (even under no_grad), and dropout must be off anyway.
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompts), per_chunk):
+            out.extend(_generate_chunk(model, prompts[start:start + per_chunk], group_size, max_new_tokens, eos_ids,
+                                       pad_id, temperature, top_p, shared_prompt, generator))
+    finally:
+        model.train(was_training)
     return out
 
 
