@@ -72,7 +72,7 @@ def test_train_a_step_on_a_reasoning_gym_task(rg, tokenizer, tiny, tmp_path):
                         dynamic_sampling=False, verbose=False, threads=1, output_dir=str(tmp_path / "run"))
     run = Trainer(config, model=tiny, tokenizer=tokenizer)
     assert len(run.task.train) == 16 and len(run.task.eval) == 4
-    assert [rf.name for rf in run.reward_fns] == ["basic_arithmetic"]
+    assert [rf.name for rf in run.parts.reward_fns] == ["basic_arithmetic"]
     result = run.fit()
     row = read_metrics(tmp_path / "run")[-1]
     assert "reward/basic_arithmetic" in row and "accuracy" in row
