@@ -198,7 +198,7 @@ def load_sharded_state(checkpoint: Path, model: torch.nn.Module, optimizer: torc
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     try:
         dcp.load(state, checkpoint_id=Path(checkpoint) / SHARDED_DIR)
-    except Exception as e:
+    except Exception as e:  # a damaged file becomes one clear message
         raise CheckpointError(f"could not read {Path(checkpoint) / SHARDED_DIR}: {_reason(e)}") from e
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
@@ -301,7 +301,7 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     try:
         # Plain containers and tensors only (Checkpointer.state_dict), so the safe loader suffices.
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # a damaged file becomes one clear message
         raise CheckpointError(f"could not read {path}: {_reason(e)}") from e
     missing = missing_state_keys(state)
     if missing:

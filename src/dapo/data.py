@@ -149,12 +149,12 @@ def _read_rows(source: str, split: str) -> list[dict[str, Any]]:
             ds = loaded[split]
     except DataError:
         raise
-    except Exception as e:
+    except Exception as e:  # parse errors, missing hub ids, no network: one message
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataError(f"could not read dataset {source!r} ({type(e).__name__}: {first})") from e
     try:
         return ds.to_list()
-    except Exception as e:
+    except Exception as e:  # e.g. bytes that are not UTF-8 inside a directory's files
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataError(f"could not read dataset {source!r} ({type(e).__name__}: {first})") from e
 

@@ -53,7 +53,7 @@ def import_vllm() -> Any:
         from vllm.inputs import TokensPrompt  # noqa: F401
     except ImportError as e:
         raise VLLMError(f"the vLLM rollout engine needs vLLM, which is not installed ({e}); {INSTALL_HINT}") from e
-    except Exception as e:
+    except Exception as e:  # e.g. a CUDA torchvision next to a CPU torch
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ("; a torchvision/torchaudio/torchcodec build that does not match torch is installed: "
                 "pip uninstall -y torchvision torchaudio torchcodec") if "torchvision" in str(e) else f"; {INSTALL_HINT}"
