@@ -35,7 +35,8 @@ from dapo.logprobs import (EAGER_RELEASE_TOKENS, PACKED_FORWARD, PackedRows, eag
                            pad_stack, plan_micro_batches, set_gradient_checkpointing, split_by_response, token_logprobs,
                            wants_checkpointing)
 from dapo.lora import adapters_disabled
-from dapo.loss import correction_stats, mismatch_stats, policy_loss, rollout_is_weights
+from dapo.loss import (CORRECTION_METRICS, LOSS_METRICS, correction_stats, mismatch_stats, policy_loss,
+                       rollout_is_weights)
 
 
 @dataclass
@@ -185,10 +186,9 @@ class Actor:
     def metric_names(self) -> list[str]:
         """policy_loss's metrics, the same on every rank (a rank with only dummies has none)."""
         c = self.config
-        return (["clip_frac_low", "clip_frac_high", "approx_kl"]
-                + (["cov_selected"] if c.policy_loss in ("clip_cov", "kl_cov") else [])
+        return (["clip_frac_low", "clip_frac_high", "approx_kl", *LOSS_METRICS.get(c.policy_loss, ())]
                 + (["kl_ref"] if self.ref_model is not None else [])
-                + (["rollout_is_weight", "rollout_is_capped", "rollout_masked"] if c.correction != "none" else []))
+                + (list(CORRECTION_METRICS) if c.correction != "none" else []))
 
     def _checkpointing(self, packed: PackedRows) -> None:
         """Activation checkpointing for this micro-batch ("auto": only one over the token budget,

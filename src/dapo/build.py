@@ -134,9 +134,9 @@ def build(config: DAPOConfig, reporter: Reporter, *, task: Task | None = None, r
                  collector, actor, evaluator)
 
 
-def build_evaluation(config: DAPOConfig, reporter: Reporter | None = None) -> tuple[Evaluator, RolloutEngine]:
-    """`dapo eval`: the config's model (loaded for inference), its engine and the held-out set of
-    its task. The caller closes the engine and the evaluator's scorer."""
+def build_evaluation(config: DAPOConfig, reporter: Reporter | None = None) -> Evaluator:
+    """`dapo eval`: the config's model (loaded for inference) behind its engine, and the held-out
+    set of its task. The caller closes the evaluator's engine and scorer."""
     c, reporter = config, reporter or Reporter()
     torch.manual_seed(c.seed)
     torch.set_num_threads(c.threads or os.cpu_count() or 1)
@@ -149,19 +149,19 @@ def build_evaluation(config: DAPOConfig, reporter: Reporter | None = None) -> tu
     scorer = RewardScorer([], task.accuracy, accuracy_name=task.accuracy_name, timeout=c.reward_timeout,
                           on_error=c.reward_errors, warn=reporter.warning)
     return Evaluator(c, engine, tokenizer, task.eval, scorer, stop_token_ids(model, tokenizer),
-                     reporter.once("system_prompt")), engine
+                     reporter.once("system_prompt"))
 
 
 def evaluate_config(config: DAPOConfig) -> dict[str, float]:
     """`dapo eval`: load the config's model and evaluate it on its task's held-out records."""
-    evaluator, engine = build_evaluation(config)
+    evaluator = build_evaluation(config)
     try:
         return evaluator()
     finally:
         # Closed here, not left to vLLM's finalizer at interpreter exit: by then the CLI's exit path
         # may have torn down the process group vLLM created in this process, and its shutdown raises.
         evaluator.scorer.close()
-        engine.close()
+        evaluator.engine.close()
 
 
 def seed_everything(seed: int) -> None:

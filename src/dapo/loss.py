@@ -121,18 +121,18 @@ def policy_loss(
     # zeroed copies, so no NaN can leak into the gradient through 0 * inf.
     log_prob, old_log_prob, advantages = (_masked(log_prob, mask), _masked(old_log_prob, mask),
                                           _masked(advantages, mask))
-    options = dict(loss_options or {})
-    if loss == "vanilla":
-        token_loss, metrics = vanilla_token_loss(log_prob, old_log_prob, advantages, mask, eps_low, eps_high, clip_ratio_c)
-    elif loss == "clip_cov":
-        token_loss, metrics = clip_cov_token_loss(log_prob, old_log_prob, advantages, mask, eps_low, eps_high,
-                                                  generator=generator, **options)
-    elif loss in ("gspo", "cispo", "geo_mean"):
-        token_loss, metrics = POLICY_LOSSES[loss](log_prob, old_log_prob, advantages, mask, eps_low, eps_high)
-    elif loss in POLICY_LOSSES:
-        token_loss, metrics = POLICY_LOSSES[loss](log_prob, old_log_prob, advantages, mask, **options)
-    else:
+    if loss not in POLICY_LOSSES:
         raise ValueError(f"unknown policy loss {loss!r}; use one of {', '.join(POLICY_LOSSES)}")
+    # Each loss takes what it uses: its options, the clip range if it clips, the dual clip
+    # (vanilla) and the random choice (clip_cov).
+    options = dict(loss_options or {})
+    if loss in CLIPPING_LOSSES:
+        options.update(eps_low=eps_low, eps_high=eps_high)
+    if loss == "vanilla":
+        options["clip_ratio_c"] = clip_ratio_c
+    if loss == "clip_cov":
+        options["generator"] = generator
+    token_loss, metrics = POLICY_LOSSES[loss](log_prob, old_log_prob, advantages, mask, **options)
     if is_weights is not None:  # rollout correction: the samples came from the engine's policy, not pi_old
         weights = _masked(is_weights.detach(), mask)
         if loss == "geo_mean":  # a per-response loss: the geometric mean of its tokens' weights
@@ -309,6 +309,10 @@ def geo_mean_token_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adva
 POLICY_LOSSES = {"vanilla": vanilla_token_loss, "gspo": gspo_token_loss, "cispo": cispo_token_loss,
                  "sapo": sapo_token_loss, "clip_cov": clip_cov_token_loss, "kl_cov": kl_cov_token_loss,
                  "geo_mean": geo_mean_token_loss}
+CLIPPING_LOSSES = frozenset({"vanilla", "gspo", "cispo", "clip_cov", "geo_mean"})  # take eps_low / eps_high
+# Metrics beyond clip_frac_low / clip_frac_high / approx_kl (the same keys on every rank: Actor.metric_names).
+LOSS_METRICS = {"clip_cov": ("cov_selected",), "kl_cov": ("cov_selected",)}
+CORRECTION_METRICS = ("rollout_is_weight", "rollout_is_capped", "rollout_masked")  # correction_stats
 
 
 RolloutCorrection = Literal["none", "tis", "seq_tis", "mask", "seq_mis"]
@@ -361,9 +365,9 @@ def correction_stats(is_weights: torch.Tensor | None, response_mask: torch.Tenso
     mask = response_mask.bool()
     n = torch.clamp(mask.sum(), min=1)
     weights = torch.ones_like(response_mask, dtype=torch.float32) if is_weights is None else is_weights.detach()
-    return {"rollout_is_weight": _masked(weights, mask).sum() / n,
-            "rollout_is_capped": ((weights >= cap * (1 - 1e-6)) & mask).sum() / n,
-            "rollout_masked": (mask & ~corrected_mask.bool()).sum() / n}
+    values = (_masked(weights, mask).sum() / n, ((weights >= cap * (1 - 1e-6)) & mask).sum() / n,
+              (mask & ~corrected_mask.bool()).sum() / n)
+    return dict(zip(CORRECTION_METRICS, values))
 
 
 def mismatch_stats(trainer_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
