@@ -1,4 +1,4 @@
-"""Command line: `dapo train`, `dapo eval`, `dapo plot`. Options are generated from DAPOConfig's fields."""
+"""Command line: `dapo train`, `dapo eval`, `dapo plot`, `dapo ablate`. Options are generated from DAPOConfig's fields."""
 
 from __future__ import annotations
 
@@ -88,6 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     p_plot.add_argument("-o", "--output", help="PNG path (default: RUN_DIR/dashboard.png for one run, "
                         "./dashboard.png for several)")
     p_plot.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p_abl = sub.add_parser("ablate", help="run a ladder of configurations (default: the paper's ablation)",
+                           description="Run the paper's ablation ladder (naive GRPO, + overlong filtering, + "
+                           "clip-higher, + soft overlong punishment, + token-level loss, + dynamic sampling; each "
+                           "rung takes its value from the config) or --rungs, each arm with the same budget of "
+                           "sampled responses, for every --seeds; then OUT/ablation.md (table) and OUT/ablation.png. "
+                           "Run again to resume. See docs/ablation.md.")
+    p_abl.add_argument("--config", help="YAML file of config fields: the full DAPO config the ladder climbs to")
+    p_abl.add_argument("--rungs", help="YAML list of {name, set: {field: value}}, applied in turn (default: the "
+                       "paper's ladder)")
+    p_abl.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every rung (default: 0 1)")
+    p_abl.add_argument("--budget", type=int, required=True, metavar="SAMPLES",
+                       help="sampled responses per arm (config max_samples); the same for every arm")
+    p_abl.add_argument("--out", required=True, metavar="DIR", help="the ablation's directory: one run per arm")
+    p_abl.add_argument("--threshold", type=float, help="held-out accuracy the table counts steps and seconds to "
+                       "(default: the starting model's + 0.1)")
+    p_abl.add_argument("--report-only", action="store_true", help="only rewrite the table and figure from the "
+                       "finished arms")
+    p_abl.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    add_config_arguments(p_abl)
     return parser
 
 
@@ -149,6 +168,27 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from dapo.ablate import load_rungs, paper_ladder, run_ablation, write_report
+
+    out = Path(args.out)
+    if args.report_only:
+        print(f"Wrote {write_report(out, args.threshold)}")
+        return 0
+    config = config_from_args(args)
+    rungs = load_rungs(args.rungs) if args.rungs else paper_ladder(config)
+    try:
+        report = run_ablation(config, rungs, args.seeds, args.budget, out)
+    except TrainingInterrupted as e:
+        raise TrainingInterrupted(f"ablation interrupted ({e}); the same `dapo ablate` command resumes it",
+                                  e.signum) from None
+    if args.threshold is not None:
+        report = write_report(out, args.threshold)
+    print(report.read_text(), end="")
+    print(f"Wrote {report} and {out / 'ablation.png'}")
+    return 0
+
+
 def without_nproc(argv: list[str]) -> list[str]:
     """`argv` without `--nproc N` / `--nproc=N`."""
     out, skip = [], False
@@ -182,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.nproc > 1:
             return launch_ranks(args.nproc, argv, args.resume or args.output_dir)
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot}[args.command](args)
+        return {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "ablate": cmd_ablate}[args.command](args)
     except TrainingInterrupted as e:
         from dapo import distributed
 

@@ -51,6 +51,7 @@ class BatchCollector:
         self.streaks: dict[int, int] = {}  # prompt index -> groups in a row without a learning signal
         self.skip_rng = random.Random(config.seed * 7919 + 17)
         self.reward_errors = 0  # values scored 0 for an error in the current step (reward_errors="zero")
+        self.samples_generated = 0  # responses sampled by this rank over the run (config.max_samples)
 
     @property
     def progress(self) -> Progress:
@@ -141,6 +142,7 @@ class BatchCollector:
             indices, skipped = self._draw(self._round_size())
             stats["prompts_skipped"] += skipped
             stats["prompts_generated"] += len(indices)
+            self.samples_generated += len(indices) * c.group_size
             t0 = time.perf_counter()
             round_ = self.rollout(indices)
             gen_seconds += time.perf_counter() - t0
@@ -283,6 +285,7 @@ class BatchCollector:
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = self.skip_rng.getstate()
         return {"prompts": self.sampler.state_dict(), "buffer": [g.state_dict() for g in self.buffer.groups],
+                "samples_generated": self.samples_generated,
                 "refill": {"kept_recent": self.kept_recent, "seen_recent": self.seen_recent,
                            "streak_prompts": list(self.streaks), "streak_lengths": list(self.streaks.values()),
                            "skip_rng": [version, list(internal), gauss]}}
@@ -291,6 +294,7 @@ class BatchCollector:
         check_state_keys("collector", state, self.STATE_KEYS)
         self.sampler.load_state_dict(state["prompts"])
         self.buffer.groups = [TrainBatch.from_state_dict(g) for g in state["buffer"]]
+        self.samples_generated = state.get("samples_generated", 0)  # not kept before 2026-12: a budget restarts
         refill = state["refill"]
         self.kept_recent, self.seen_recent = refill["kept_recent"], refill["seen_recent"]
         self.streaks = dict(zip(refill["streak_prompts"], refill["streak_lengths"]))

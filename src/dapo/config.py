@@ -26,7 +26,7 @@ from dapo.errors import ConfigError
 # a leaf: `import dapo.config` imports neither torch nor any other stage).
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 PolicyLoss = Literal["vanilla", "gspo", "cispo", "sapo", "clip_cov", "kl_cov", "geo_mean"]  # loss.POLICY_LOSSES
-BUILTIN_TASK_NAMES = ("digit", "arithmetic")  # tasks.BUILTIN_TASKS implements each
+BUILTIN_TASK_NAMES = ("digit", "arithmetic", "long_arithmetic")  # tasks.BUILTIN_TASKS implements each
 TRACKERS = ("tensorboard", "wandb")           # trackers.make_trackers builds each
 
 
@@ -61,7 +61,8 @@ class DAPOConfig:
 
     # --- prompts and rewards -----------------------------------------------------------
     task: str = _f("digit", "Built-in task when no --data is given: 'digit' (the seed example), "
-                   "'arithmetic' (generated sums, held-out split) or 'reasoning_gym:<name>' (a reasoning-gym "
+                   "'arithmetic' (generated sums, held-out split), 'long_arithmetic' (the same sums answered "
+                   "after step-by-step reasoning: answers of 100+ tokens) or 'reasoning_gym:<name>' (a reasoning-gym "
                    "generator, e.g. reasoning_gym:countdown; needs pip install \"dapo-rl[reasoning-gym]\").",
                    group="data")
     data: str | None = _f(None, "Training prompts: a .jsonl/.json/.parquet/.csv file, a directory, or a "
@@ -206,6 +207,8 @@ class DAPOConfig:
 
     # --- optimisation ------------------------------------------------------------------
     train_steps: int = _f(12, "Train steps: each gathers one rollout batch and updates on it.", group="optim")
+    max_samples: int = _f(0, "Stop after the train step in which this many responses have been sampled (per rank; "
+                          "0: no limit). `dapo ablate` gives every arm the same budget this way.", group="optim")
     mu: int = _f(2, "Passes over each rollout batch (the paper's mu); grad steps per train step = "
                  "mu * ceil(train_batch_size / mini_batch_size).", group="optim")
     mini_batch_size: int = _f(0, "Groups per optimizer step; 0 means train_batch_size.", group="optim")
@@ -233,6 +236,8 @@ class DAPOConfig:
     # --- evaluation, logging, output ----------------------------------------------------
     eval_samples: int = _f(32, "Samples per prompt in evaluation (avg@k / pass@k use k = this).", group="output")
     eval_every: int = _f(0, "Evaluate every N train steps (0: only before and after training).", group="output")
+    eval_before: bool = _f(True, "Evaluate before the first train step (`dapo ablate` evaluates the starting model "
+                           "once per seed instead of once per arm).", group="output")
     eval_temperature: float = _f(1.0, "Evaluation sampling temperature; 0 is greedy.", group="output")
     eval_top_p: float = _f(1.0, "Evaluation nucleus threshold (paper's avg@32 uses 0.7).", group="output")
     max_eval_prompts: int = _f(0, "Evaluate on at most this many held-out prompts; 0: all.", group="output")
@@ -268,7 +273,7 @@ class DAPOConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        non_negative = ["threads", "max_num_gen_batches", "mini_batch_size", "warmup_steps", "eval_every",
+        non_negative = ["threads", "max_samples", "max_num_gen_batches", "mini_batch_size", "warmup_steps", "eval_every",
                         "save_every", "overlong_buffer_len", "weight_decay", "max_grad_norm", "kl_coef",
                         "max_eval_prompts", "overlong_penalty_factor", "eval_temperature", "log_samples_every",
                         "reward_timeout"]
@@ -440,8 +445,8 @@ def read_yaml_values(path: str | Path) -> dict[str, Any]:
 # (threads, device, micro-batch budget). Evaluation runs on a forked RNG, so eval settings do not
 # shift the training samples. Every other field changes the run and a change to it is refused.
 RESUME_SAFE_FIELDS = frozenset({
-    "verbose", "output_dir", "train_steps", "save_every", "keep_last", "max_bad_steps",
-    "eval_every", "eval_samples", "eval_temperature", "eval_top_p", "max_eval_prompts", "eval_data", "eval_split",
+    "verbose", "output_dir", "train_steps", "max_samples", "save_every", "keep_last", "max_bad_steps",
+    "eval_every", "eval_before", "eval_samples", "eval_temperature", "eval_top_p", "max_eval_prompts", "eval_data", "eval_split",
     "threads", "device", "max_tokens_per_micro_batch", "reward_timeout", "overwrite", "solved_accuracy",
     "vllm_gpu_memory_utilization", "vllm_kv_cache_gb", "attention_layout", "gradient_checkpointing",
 })

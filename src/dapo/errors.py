@@ -68,7 +68,7 @@ class TrainingInterrupted(DapoError):
 
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
-        self.exit_code = 128 + signum
+        self.signum, self.exit_code = signum, 128 + signum
 
 
 class OutOfMemory(DapoError):

@@ -80,7 +80,32 @@ def arithmetic_task() -> Task:
     return Task("arithmetic", train, held_out, {"numeric": numeric_reward}, numeric_reward)
 
 
-BUILTIN_TASKS = {"digit": digit_task, "arithmetic": arithmetic_task}
+# The long-answer task: the same sums, asked with a reasoning format, so answers run to a hundred
+# tokens and more. Measured on the untrained default model (benchmarks/long_task_candidates.py, 16
+# prompts x 4 samples, 256 new tokens): accuracy 0.19, 20% truncated, mean length 117; sums of
+# three digits (0.06), two-digit + one-digit (0.05) and a two-step apples word problem (0.05, 33%
+# truncated) start lower. At max_new_tokens 160 about a third of the answers are truncated.
+LONG_ARITHMETIC_PROMPT = ("What is {a} + {b}? Think step by step, then give the final answer on the last line as "
+                          "'Answer: <number>'.")
+
+
+def long_arithmetic_records(seed: int = 1234, eval_count: int = 16) -> tuple[list[Record], list[Record]]:
+    """Sums a + b of digits 2..9 (64 pairs) with the reasoning prompt: `eval_count` held out, the
+    rest to train on (a split fixed by `seed`, not the run's seed)."""
+    pairs = [(a, b) for a in range(2, 10) for b in range(2, 10)]
+    random.Random(seed).shuffle(pairs)
+    records = [{"prompt": LONG_ARITHMETIC_PROMPT.format(a=a, b=b), "answer": str(a + b)} for a, b in pairs]
+    return records[eval_count:], records[:eval_count]
+
+
+def long_arithmetic_task() -> Task:
+    """Sums answered after step-by-step reasoning; reward and accuracy: the numeric reward (the
+    last number of the answer), so an answer cut off at max_new_tokens rarely scores."""
+    train, held_out = long_arithmetic_records()
+    return Task("long_arithmetic", train, held_out, {"numeric": numeric_reward}, numeric_reward)
+
+
+BUILTIN_TASKS = {"digit": digit_task, "arithmetic": arithmetic_task, "long_arithmetic": long_arithmetic_task}
 
 
 # Task families named by a prefix, as import strings of their factory (name -> Task): the module

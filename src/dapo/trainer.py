@@ -80,7 +80,7 @@ class Trainer:
         with stop, acquire_run_lock(self.run_dir), self._reporting():
             display = self.reporter.display
             try:
-                before = {} if self.resumed_from else self._evaluate("before training")
+                before = {} if self.resumed_from or not c.eval_before else self._evaluate("before training")
                 display.start(c.train_steps, c.grad_steps_per_train_step, c.train_batch_size)
                 history = []
                 while self.step < c.train_steps:
@@ -114,6 +114,10 @@ class Trainer:
                         self.checkpointer.save(self.step)
                     if distributed.any_rank(stop.signum is not None):
                         stop.signum = stop.signum or signal.SIGTERM  # all ranks stop together
+                    if c.max_samples and self.collector.samples_generated >= c.max_samples:
+                        display.message(f"-- Stopping at train step {self.step}: {self.collector.samples_generated} "
+                                        f"responses sampled, the budget (max_samples) is {c.max_samples}")
+                        break
                     if stop.signum is not None and self.step < c.train_steps:
                         self.checkpointer.save_if_new(self.step)
                         raise TrainingInterrupted(f"Interrupted at step {self.step}; resume with: dapo train --resume "

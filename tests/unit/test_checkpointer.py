@@ -39,7 +39,17 @@ def unpack_v2_run(tmp_path: Path) -> Path:
     return run
 
 
-def test_a_version_2_checkpoint_resumes_exactly(tmp_path):
+def sampler_of_6d92eb4(monkeypatch) -> None:
+    """The fixture's run sampled with the generic DynamicCache loop and torch.multinomial draws;
+    replaying it exactly needs that sampler (same distribution, other random draws since 2026-12)."""
+    import dapo.rollout as rollout
+    monkeypatch.setattr(rollout, "unsupported_reason", lambda model: "the sampler of 6d92eb4")
+    monkeypatch.setattr(rollout, "_draw", lambda probs, generator: torch.multinomial(probs, 1, generator=generator)
+                        .squeeze(-1))
+
+
+def test_a_version_2_checkpoint_resumes_exactly(tmp_path, monkeypatch):
+    sampler_of_6d92eb4(monkeypatch)
     run = unpack_v2_run(tmp_path)
     checkpoint = run / "checkpoints" / "step-000002"
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
@@ -66,7 +76,7 @@ def test_state_is_nested_per_part_and_each_part_checks_its_keys(tiny_dir, tmp_pa
     assert set(state) == {"version", "step", "world_size", "rng", "actor", "collector", "engine"}
     assert state["version"] == 3 and state["engine"] == {}
     assert set(state["actor"]) == {"optimizer", "scheduler", "optimizer_steps", "skipped_steps", "bad_steps_in_row"}
-    assert set(state["collector"]) == {"prompts", "buffer", "refill"}
+    assert set(state["collector"]) == {"prompts", "buffer", "refill", "samples_generated"}
     broken = dict(state["collector"])
     del broken["refill"]
     with pytest.raises(CheckpointError, match="collector state lacks refill"):
