@@ -102,15 +102,17 @@ def slug(index: int, name: str) -> str:
 
 def arm_configs(config: DAPOConfig, rungs: Sequence[Rung], seeds: Sequence[int], budget: int,
                 out: Path) -> list[tuple[int, str, int, DAPOConfig]]:
-    """(rung index, rung name, seed, config) of every arm: the rungs' changes applied in turn."""
-    arms, current = [], config
-    for i, rung in enumerate(rungs):
+    """(rung index, rung name, seed, config) of every arm: the rungs' changes applied in turn.
+    Seed by seed, so an ablation cut short has every rung of its first seeds."""
+    ladder, current = [], config
+    for rung in rungs:
         current = current.replace(**rung.changes)
-        for seed in seeds:
-            arm = current.replace(seed=seed, max_samples=budget, eval_before=False, verbose=False,
-                                  output_dir=str(out / slug(i, rung.name) / f"seed{seed}"))
-            arms.append((i, rung.name, seed, arm))
-    return arms
+        ladder.append(current)
+    # keep_last 1: a dozen arms of two full checkpoints each (model and optimizer state, 1.6 GB each
+    # for the default model) filled this machine's disk.
+    return [(i, rung.name, seed, c.replace(seed=seed, max_samples=budget, eval_before=False, verbose=False,
+                                           keep_last=1, output_dir=str(out / slug(i, rung.name) / f"seed{seed}")))
+            for seed in seeds for i, (rung, c) in enumerate(zip(rungs, ladder))]
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -151,7 +153,10 @@ def run_ablation(config: DAPOConfig, rungs: Sequence[Rung], seeds: Sequence[int]
 # --- the report -----------------------------------------------------------------------------------
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The rows of a run's log, the last one per step: an arm resumed from a checkpoint older than
+    its last logged step re-runs those steps and appends their rows again."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return sorted({r.get("step", 0): r for r in rows}.values(), key=lambda r: r.get("step", 0))
 
 
 def _avg_key(rows: Sequence[dict[str, Any]], prefix: str) -> str | None:

@@ -62,7 +62,7 @@ class DAPOConfig:
     # --- prompts and rewards -----------------------------------------------------------
     task: str = _f("digit", "Built-in task when no --data is given: 'digit' (the seed example), "
                    "'arithmetic' (generated sums, held-out split), 'long_arithmetic' (the same sums answered "
-                   "after step-by-step reasoning: answers of 100+ tokens) or 'reasoning_gym:<name>' (a reasoning-gym "
+                   "after step-by-step reasoning: answers of 50 to 200 tokens) or 'reasoning_gym:<name>' (a reasoning-gym "
                    "generator, e.g. reasoning_gym:countdown; needs pip install \"dapo-rl[reasoning-gym]\").",
                    group="data")
     data: str | None = _f(None, "Training prompts: a .jsonl/.json/.parquet/.csv file, a directory, or a "

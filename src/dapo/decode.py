@@ -2,24 +2,24 @@
 the sampler in rollout.py.
 
 Why not `model(..., cache=DynamicCache)` step by step: measured on the default model at 32 rows x
-256 new tokens (benchmarks/rollout_engines.py), that loop spent most of its time outside the
-matrix products. The dynamic cache concatenates every layer's keys and values at every step
-(O(T^2) bytes copied over an answer), the attention mask grows by concatenation, rows that have
-finished keep being computed to the end, and `x @ W^T` at a few dozen rows runs at half the
-machine's matmul rate on a CPU. Here:
+256 new tokens (benchmarks/sampler.py, benchmarks/README.md section 14), that loop spent most of
+its time outside the matrix products. The dynamic cache concatenates every layer's keys and values
+at every step (O(T^2) bytes copied over an answer), the attention mask grows by concatenation, rows
+that have finished keep being computed to the end, and `x @ W^T` at a few dozen rows runs at a
+third of the machine's matmul rate on a CPU. Here:
 
 - the cache is allocated once per chunk, [rows, kv_heads, prompt + max_new_tokens, head_dim] per
   layer, and written in place; attention reads only the filled columns;
-- `drop_rows` compacts the cache to the rows still sampling, so a finished answer costs nothing;
-- on a CPU a linear layer is computed as `(W @ x^T)^T`, which MKL runs 1.5-2x faster than
-  `x @ W^T` at 8-64 rows (same products, same sums, so the same numbers within fp32 rounding).
+- `StaticKVCache.select_rows` compacts the cache to the rows still sampling, so a finished answer
+  costs nothing more;
+- on a CPU a linear layer is computed as `(W @ x^T)^T` (faster than `x @ W^T` at few rows, the same
+  sums), and `Decoder.pack` turns the products into MKL-packed GEMMs (bit-identical results).
 
-The forward is the model's own: its embedding, norms, rotary embedding, MLP and projection modules
-are called (a LoRA-wrapped projection goes through its own forward), so only the attention
-plumbing is ours. It covers the Llama family (Llama, SmolLM, Qwen2, Qwen3, Mistral without a
-sliding window); `unsupported_reason` says why any other model takes the generic loop in
-rollout.py.
-"""
+The forward is the model's own: its embedding, norm weights, rotary embedding, MLP activation and
+projection modules are used (a LoRA-wrapped projection goes through its own forward), so only the
+attention plumbing is ours. It covers the Llama family (Llama, SmolLM, Qwen2, Qwen3, Mistral
+without a sliding window); `unsupported_reason` says why any other model takes the generic loop in
+rollout.py."""
 
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ With `shared_prompt=True` each distinct prompt is prefilled once and its G conti
 sampled from copies of that single KV cache, so a prompt of P tokens costs P, not G * P, tokens
 of prefill. The sampling loop is ours (not `model.generate`) so that it is the same on every
 model: temperature and top-p always applied, sampling always on (SmolLM2's generation config
-turns it off), EOS handled per row.
+turns it off), EOS handled per row. For the Llama family it runs decode.py's forward over a static
+KV cache, and a row leaves the batch when it samples a stop token; other models (and FSDP-sharded
+ones) take the generic loop over transformers' DynamicCache, where every row runs to the end.
 """
 
 from __future__ import annotations

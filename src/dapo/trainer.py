@@ -108,13 +108,15 @@ class Trainer:
                     log_samples = c.log_samples_every and (self.step == 1 or self.step % c.log_samples_every == 0)
                     rows = sample_rows(batch, self.task.train) if log_samples else None
                     distributed.on_rank0(partial(self.reporter.step, self.step, stats, rows))
-                    if c.eval_every and self.step % c.eval_every == 0 and self.step < c.train_steps:
+                    spent = bool(c.max_samples) and distributed.any_rank(self.collector.samples_generated >= c.max_samples)
+                    last = spent or self.step >= c.train_steps  # the final save and evaluation follow
+                    if c.eval_every and self.step % c.eval_every == 0 and not last:
                         self._evaluate(f"at step {self.step}")
-                    if c.save_every and self.step % c.save_every == 0 and self.step < c.train_steps:
+                    if c.save_every and self.step % c.save_every == 0 and not last:
                         self.checkpointer.save(self.step)
                     if distributed.any_rank(stop.signum is not None):
                         stop.signum = stop.signum or signal.SIGTERM  # all ranks stop together
-                    if c.max_samples and self.collector.samples_generated >= c.max_samples:
+                    if spent:
                         display.message(f"-- Stopping at train step {self.step}: {self.collector.samples_generated} "
                                         f"responses sampled, the budget (max_samples) is {c.max_samples}")
                         break

@@ -16,7 +16,7 @@ from dapo.errors import ConfigError, TrainingInterrupted
 
 FULL = DAPOConfig(max_new_tokens=64, overlong_buffer_len=16, overlong_filter=True, eps_low=0.2, eps_high=0.28,
                   loss_agg="token-mean", dynamic_sampling=True)
-PER_ARM = {"seed", "output_dir", "max_samples", "eval_before", "verbose"}
+PER_ARM = {"seed", "output_dir", "max_samples", "eval_before", "verbose", "keep_last"}
 
 
 def diff(a: DAPOConfig, b: DAPOConfig) -> set[str]:
@@ -52,9 +52,9 @@ def test_user_rungs_from_yaml(tmp_path):
                     "  set: {eps-high: 0.3}\n")
     rungs = load_rungs(path)
     arms = arm_configs(FULL, rungs, [0, 1], 10, tmp_path)
-    assert [(i, s, c.lr, c.eps_high) for i, _, s, c in arms] == [(0, 0, 1e-5, 0.28), (0, 1, 1e-5, 0.28),
-                                                                (1, 0, 3e-5, 0.28), (1, 1, 3e-5, 0.28),
-                                                                (2, 0, 3e-5, 0.3), (2, 1, 3e-5, 0.3)]
+    assert [(i, s, c.lr, c.eps_high) for i, _, s, c in arms] == [(0, 0, 1e-5, 0.28), (1, 0, 3e-5, 0.28),
+                                                                (2, 0, 3e-5, 0.3), (0, 1, 1e-5, 0.28),
+                                                                (1, 1, 3e-5, 0.28), (2, 1, 3e-5, 0.3)]
     path.write_text("- name: typo\n  set: {eps_hihg: 0.3}\n")
     with pytest.raises(ConfigError, match="rung 1 sets unknown config field\\(s\\) eps_hihg"):
         load_rungs(path)
@@ -74,6 +74,8 @@ def fabricate(out: Path) -> None:
                                       f'{{"step": 4, "avg@4": {end}, "pass@4": 0.75}}\n')
         rows = [{"step": s, "step_seconds": 10.0 * (i + 1), "entropy": 1.0 + s, "response_length_mean": 100.0 - s,
                  "truncated_share": 0.5 - 0.1 * s} for s in range(1, 5)]
+        # a resume from step 2's checkpoint re-ran steps 3 and 4: their first rows are superseded
+        rows[2:2] = [{**r, "step_seconds": 999.0, "entropy": 99.0} for r in rows[2:]]
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -102,7 +104,7 @@ def test_an_interrupted_ablation_resumes_where_it_stopped(tiny_dir, tmp_path, mo
     import dapo.trainer
 
     config = DAPOConfig(model=str(tiny_dir), task="digit", group_size=2, train_batch_size=1, gen_batch_size=1,
-                        dynamic_sampling=False, max_new_tokens=2, mu=1, train_steps=50, eval_samples=2, threads=1,
+                        dynamic_sampling=False, max_new_tokens=2, mu=1, train_steps=50, eval_samples=2, eval_every=2, threads=1,
                         verbose=False, save_every=1, lr=1e-3)
     rungs = [r for r in load_rungs_text(tmp_path, "- name: a\n  set: {}\n- name: b\n  set: {eps_high: 0.3}\n")]
     update, calls = dapo.actor.Actor.update, {"n": 0}
@@ -120,6 +122,11 @@ def test_an_interrupted_ablation_resumes_where_it_stopped(tiny_dir, tmp_path, mo
     assert (arm_a / "arm.json").exists() and not (arm_b / "arm.json").exists()
     assert (arm_b / "checkpoints" / "step-000002").is_dir()
     a_metrics = (arm_a / "metrics.jsonl").read_text()
+    evals = [json.loads(line)["step"] for line in (arm_a / "eval.jsonl").read_text().splitlines()]
+    # eval_before is off in the arms (the start is evaluated once, in start.json), and the step that
+    # spends the budget is evaluated once, as the final evaluation
+    assert evals == [2, 4]
+    assert set(json.loads((tmp_path / "abl" / "start.json").read_text())) == {"0"}
 
     trained = []
     train = dapo.trainer.train
