@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from dapo.config import DAPOConfig
-from dapo.errors import DapoError, ResumeError, TrainingInterrupted
+from dapo.errors import ConfigError, DapoError, ResumeError, TrainingInterrupted
 
 GROUP_TITLES = {"model": "model", "data": "prompts and rewards", "rollout": "rollout and dynamic sampling",
                 "loss": "reward shaping, advantages and loss", "optim": "optimisation",
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_abl.add_argument("--rungs", help="YAML list of {name, set: {field: value}}, applied in turn (default: the "
                        "paper's ladder)")
     p_abl.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every rung (default: 0 1)")
-    p_abl.add_argument("--budget", type=int, required=True, metavar="SAMPLES",
+    p_abl.add_argument("--budget", type=int, metavar="SAMPLES",
                        help="sampled responses per arm (config max_samples); the same for every arm")
     p_abl.add_argument("--out", required=True, metavar="DIR", help="the ablation's directory: one run per arm")
     p_abl.add_argument("--threshold", type=float, help="held-out accuracy the table counts steps and seconds to "
@@ -175,6 +175,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if args.report_only:
         print(f"Wrote {write_report(out, args.threshold)}")
         return 0
+    if args.budget is None or args.budget < 1:
+        raise ConfigError("dapo ablate needs --budget SAMPLES (>= 1): the sampled responses every arm gets")
     config = config_from_args(args)
     rungs = load_rungs(args.rungs) if args.rungs else paper_ladder(config)
     try:

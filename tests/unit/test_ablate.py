@@ -95,6 +95,10 @@ def test_report_table_and_figure_from_fabricated_runs(tmp_path):
     cells = [c.strip() for c in clip.split("|")[1:-1]]
     assert cells[1] == "eps_high=0.28" and cells[2] == "0.550 ± 0.071" and cells[6] == "2.000 ± 0.000"
     assert cells[7] == "40.000 ± 0.000"  # two steps of 20 s
+    from dapo.cli import main
+    assert main(["ablate", "--out", str(tmp_path), "--report-only", "--threshold", "0.5"]) == 0
+    assert "until avg@4 >= 0.5" in report.read_text()
+    assert main(["ablate", "--out", str(tmp_path)]) == 2  # no --budget: one line names it
     png = tmp_path / "ablation.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
