@@ -126,9 +126,15 @@ def run_ablation(config: DAPOConfig, rungs: Sequence[Rung], seeds: Sequence[int]
 
     out.mkdir(parents=True, exist_ok=True)
     arms = arm_configs(config, rungs, seeds, budget, out)
-    (out / "ablation.json").write_text(json.dumps({
-        "budget_samples": budget, "seeds": list(seeds),
-        "rungs": [{"name": r.name, "changes": r.changes} for r in rungs]}, indent=1) + "\n")
+    meta = json.loads(json.dumps({"budget_samples": budget, "seeds": list(seeds),
+                                  "rungs": [{"name": r.name, "changes": r.changes} for r in rungs]}))
+    meta_file = out / "ablation.json"
+    if meta_file.exists():  # resuming: finished arms are reused only if they ran the same ladder
+        old = json.loads(meta_file.read_text())
+        if {k: old.get(k) for k in meta} != meta:
+            raise ConfigError(f"{out} holds an ablation with another budget, seeds or ladder ({meta_file}); "
+                              f"give another --out, or the same settings to resume it")
+    meta_file.write_text(json.dumps(meta, indent=1) + "\n")
     start_file = out / "start.json"  # the starting model's held-out scores, once per seed
     start = json.loads(start_file.read_text()) if start_file.exists() else {}
     for seed in seeds:

@@ -141,6 +141,8 @@ def test_an_interrupted_ablation_resumes_where_it_stopped(tiny_dir, tmp_path, mo
     steps = [json.loads(line)["step"] for line in (arm_b / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # 4 steps of 2 samples reach the budget of 8; none repeated
     assert "| a |" in report.read_text() and "| b | eps_high=0.3 |" in report.read_text()
+    with pytest.raises(ConfigError, match="holds an ablation with another budget"):
+        run_ablation(config, rungs, [0], 16, tmp_path / "abl", log=lambda _: None)
 
 
 def load_rungs_text(tmp_path: Path, text: str):
