@@ -191,16 +191,16 @@ def dapo_nproc(*args: str, **extra: str) -> tuple[subprocess.CompletedProcess, f
 @pytest.mark.slow  # 30-40 s: two launches of 2 ranks
 def test_killed_rank_stops_the_run_with_one_line_then_resume(tiny_dir, tmp_path):
     run_dir = tmp_path / "run"
-    options = ["--model", str(tiny_dir), *toy_argv(), "--train-steps", "5", "--save-every", "1", "--threads", "1"]
-    # Rank 1 SIGKILLs itself while scoring its 4th group: in step 5, after checkpoint 4 (step 4 trains
-    # on groups carried over and scores none).
-    cut, end = dapo_nproc("train", "--nproc", "2", *options, "--output-dir", str(run_dir),
-                          TOY_SIGNAL_AT_CALLS="4", TOY_SIGNAL="SIGKILL", TOY_SIGNAL_RANK="1")
+    options = ["--model", str(tiny_dir), *toy_argv(), "--train-steps", "4", "--save-every", "1", "--threads", "1"]
+    # Rank 1 SIGKILLs itself while scoring its 3rd group: in step 4, after checkpoint 3. The fixed
+    # engine makes the groups (and so the count) independent of how the sampler draws.
+    cut, end = dapo_nproc("train", "--nproc", "2", *options, "--output-dir", str(run_dir), TOY_ENGINE="fixed",
+                          TOY_SIGNAL_AT_CALLS="3", TOY_SIGNAL="SIGKILL", TOY_SIGNAL_RANK="1")
     output = cut.stdout + cut.stderr
     assert cut.returncode == 128 + signal.SIGKILL, output[-3000:]
-    last = run_dir / "checkpoints" / "step-000004"
-    after_kill = end - last.stat().st_mtime  # the kill came after checkpoint 4 was complete
-    print(f"launcher returned {after_kill:.1f} s after checkpoint 4 was written")
+    last = run_dir / "checkpoints" / "step-000003"
+    after_kill = end - last.stat().st_mtime  # the kill came after checkpoint 3 was complete
+    print(f"launcher returned {after_kill:.1f} s after checkpoint 3 was written")
     assert after_kill < 30
     assert "Traceback" not in output and "ChildFailedError" not in output, output[-3000:]
     line = cut.stderr.strip().splitlines()[-1]
@@ -208,6 +208,6 @@ def test_killed_rank_stops_the_run_with_one_line_then_resume(tiny_dir, tmp_path)
                     f"checkpoint: {last}. Resume with: dapo train --resume {run_dir} --nproc 2"), line
 
     resume = shlex.split(re.search(r"Resume with: dapo (.*)$", line).group(1))
-    resumed, _ = dapo_nproc(*resume, "--threads", "1")
+    resumed, _ = dapo_nproc(*resume, "--threads", "1", TOY_ENGINE="fixed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (run_dir / "checkpoints" / "step-000005" / "COMPLETE").is_file()
+    assert (run_dir / "checkpoints" / "step-000004" / "COMPLETE").is_file()
