@@ -118,10 +118,13 @@ def _linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+# MKL's packed GEMM exists in x86 builds of torch with MKL (not, e.g., in ARM builds).
+MKL_PACKED_GEMM = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
 def _can_pack(model: torch.nn.Module) -> bool:
     weight = _base(model).lm_head.weight
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkl.is_available()
-            and hasattr(torch.ops.mkl, "_mkl_linear"))
+    return MKL_PACKED_GEMM and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
 class _Packed:
@@ -179,17 +182,20 @@ class Decoder:
                 if plain(*modules):
                     entry[name] = _Packed(modules)
             packed.append(entry)
-        if plain(base.lm_head):
-            packed.append({"head": _Packed([base.lm_head])})
+        packed.append({"head": _Packed([base.lm_head])} if plain(base.lm_head) else {})
         self.packed = packed
 
     def _stale(self) -> bool:
         return any(p.stale() for entry in self.packed or () for p in entry.values())
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-                cache: StaticKVCache) -> torch.Tensor:
+    def drop_stale(self) -> None:
+        """Forget packed weights the model's weights have moved away from (an optimizer step, a
+        loaded checkpoint). Weights do not change within a generate call, so once per call."""
         if self.packed is not None and self._stale():
             self.packed = None
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+                cache: StaticKVCache) -> torch.Tensor:
         return forward_cached(self.model, ids, positions, valid, cache, self.packed)
 
 

@@ -141,6 +141,7 @@ def generate(
         chunk = _generate_chunk_dynamic
     else:
         decoder = Decoder(model) if decoder is None or decoder.model is not model else decoder
+        decoder.drop_stale()
         chunk = functools.partial(_generate_chunk, decoder=decoder)
     # Sampling runs in eval mode: before transformers 5.24 a model in train mode with gradient
     # checkpointing on returns no KV cache (even under no_grad), and dropout must be off anyway.
@@ -184,7 +185,7 @@ def _to_samples(tokens: list[list[int]], logps: list[list[float]], n_prompts: in
 
 
 def _generate_chunk(model, prompts, group_size, max_new_tokens, eos_ids, pad_id, temperature, top_p,
-                    shared_prompt, generator, decoder=None):
+                    shared_prompt, generator, decoder):
     """The static-cache loop (decode.py): one cache allocated for the chunk, written in place;
     a row leaves the batch when it samples a stop token."""
     device = next(model.parameters()).device
@@ -192,7 +193,6 @@ def _generate_chunk(model, prompts, group_size, max_new_tokens, eos_ids, pad_id,
     ids, mask = (t.to(device) for t in _left_pad(rows, pad_id))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = StaticKVCache.for_model(model, len(rows), ids.shape[1] + max_new_tokens)
-    decoder = Decoder(model) if decoder is None else decoder
     logits = decoder.forward(ids, positions, mask.bool(), cache)
     next_pos = positions[:, -1] + 1
     if shared_prompt:  # the prompt's cache, copied to its G samples
