@@ -6,6 +6,7 @@
 # files that launch torchrun --nproc-per-node; marked slow, ~1.5 min; FSDP2 on CPU is what sets the torch floor).
 # Usage: bash .ci/versions.sh [min|gpu-image] [pytest args]   (no combination named: both)
 # A virtualenv is reused while its .installed marker exists; delete the virtualenv to rebuild it.
+# DAPO_DISCARD_VENVS=1 (set by .ci/run) removes each one after its tests, to free its ~5 GB of disk.
 # torch comes from PyPI (CUDA builds, ~5 GB a virtualenv with the nvidia-* wheels; they import
 # and run on a CPU-only machine). Each combination converts the default model into its own
 # DAPO_CACHE inside its virtualenv: a copy saved by another transformers may not load (4.x cannot
@@ -98,6 +99,7 @@ PY
         echo "$combo: FSDP2 tests FAILED after $(( $(date +%s) - fsdp_start )) s"
         failed+=("$combo (FSDP2)")
     fi
+    if [ "${DAPO_DISCARD_VENVS:-0}" = 1 ]; then rm -rf "$venv"; fi
 done
 
 if [ ${#failed[@]} -gt 0 ]; then
