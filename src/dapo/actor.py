@@ -110,12 +110,14 @@ class Actor:
     # --- one optimizer step ----------------------------------------------------------------------
     def optimizer_step(self, plan: list[PackedRows], advantages: torch.Tensor, old: dict[int, torch.Tensor],
                        ref: dict[int, torch.Tensor], *, num_tokens: int, num_seqs: int, with_entropy: bool = False,
-                       record_old: bool = False, engine: list[torch.Tensor] | None = None) -> StepResult:
+                       record_old: bool = False, engine: list[torch.Tensor] | None = None,
+                       stale: torch.Tensor | None = None) -> StepResult:
         """Forward/backward every micro-batch of one mini-batch, then one optimizer step.
 
         `num_tokens` / `num_seqs` are the mini-batch's loss denominators. With `record_old` the
         forward's own log-probs become the old policy's (exact before the first step: ratio 1).
-        `engine`: the rollout engine's log-probs by row, for config.rollout_correction.
+        `engine`: the rollout engine's log-probs by row, for config.rollout_correction; `stale`: [rows]
+        bool, sampled by an earlier policy version (config.stale_correction corrects those rows).
         """
         c = self.config
         device = next(self.model.parameters()).device
@@ -137,10 +139,9 @@ class Actor:
             old_lp = pad_stack([old[r] for r in rows])
             mask = pad_stack([torch.ones_like(t) for t in per_resp])
             is_weights, corrected = None, {}
-            if engine is not None and c.correction != "none":
-                is_weights, new_mask = rollout_is_weights(old_lp, pad_stack([engine[r] for r in rows]).to(lp.device),
-                                                          mask, c.correction, c.rollout_is_cap, c.rollout_mask_ratio,
-                                                          c.rollout_geo_ratio)
+            if engine is not None and self.corrects:
+                is_weights, new_mask = self._correction(old_lp, pad_stack([engine[r] for r in rows]).to(lp.device),
+                                                        mask, None if stale is None else stale[rows].to(lp.device))
                 corrected = correction_stats(is_weights, mask, new_mask, c.rollout_is_cap)
                 mask = new_mask
             loss, m = policy_loss(
@@ -183,12 +184,36 @@ class Actor:
             self.optimizer_steps += 1
         return StepResult(obj, norm, skipped, metrics, ent_sum, tokens, num_tokens)
 
+    @property
+    def corrects(self) -> bool:
+        """Whether some rows' objective can be corrected (rollout_correction, or stale rows)."""
+        c = self.config
+        return c.correction != "none" or (c.can_be_stale and c.stale_correction != "none")
+
+    def _correction(self, old_lp: torch.Tensor, engine_lp: torch.Tensor, mask: torch.Tensor,
+                    stale: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(importance weights or None, loss mask) of a micro-batch [B, L]: rollout_correction on
+        every row, else stale_correction on the stale rows (decoupled PPO's behaviour correction:
+        old_lp is the proximal policy, engine_lp the behaviour policy that sampled the row)."""
+        c = self.config
+        if c.correction != "none":
+            return rollout_is_weights(old_lp, engine_lp, mask, c.correction, c.rollout_is_cap, c.rollout_mask_ratio,
+                                      c.rollout_geo_ratio)
+        if stale is None or not bool(stale.any()) or c.stale_correction == "none":
+            return None, mask
+        weights, new_mask = rollout_is_weights(old_lp, engine_lp, mask, c.stale_correction, c.rollout_is_cap,
+                                               c.rollout_mask_ratio, c.rollout_geo_ratio)
+        rows = stale[:, None]
+        if weights is not None:
+            weights = torch.where(rows, weights, torch.ones_like(weights))
+        return weights, torch.where(rows, new_mask, mask)
+
     def metric_names(self) -> list[str]:
         """policy_loss's metrics, the same on every rank (a rank with only dummies has none)."""
         c = self.config
         return (["clip_frac_low", "clip_frac_high", "approx_kl", *LOSS_METRICS.get(c.policy_loss, ())]
                 + (["kl_ref"] if self.ref_model is not None else [])
-                + (list(CORRECTION_METRICS) if c.correction != "none" else []))
+                + (list(CORRECTION_METRICS) if self.corrects else []))
 
     def _checkpointing(self, packed: PackedRows) -> None:
         """Activation checkpointing for this micro-batch ("auto": only one over the token budget,
@@ -215,8 +240,13 @@ class Actor:
             ref = self.reference_logprobs(plan)
             steps = self._passes(batch, plan, old, ref, train_step, on_grad_step)
         batch.old_logprobs = [old.get(r, torch.zeros(0)) for r in range(len(batch))]  # this rank's share
-        # Fresh rows only: a stale row's gap to its engine log-probs is the policy's change, not a mismatch.
-        mismatch = self._mismatch(batch, {r: t for r, t in old.items() if r in measured and not batch.is_stale(r)})
+        # Fresh rows only: a stale row's gap to its engine log-probs is the policy's change, not a mismatch;
+        # that gap is stale_kl, how far off-policy the stale rows are.
+        fresh = {r: t for r, t in old.items() if r in measured and not batch.is_stale(r)}
+        mismatch = self._mismatch(batch, fresh)
+        if self.config.can_be_stale and batch.engine_logprobs is not None:
+            stale = self._mismatch(batch, {r: t for r, t in old.items() if batch.is_stale(r)})  # all recomputed
+            mismatch["stale_kl"] = stale["mismatch_kl"]
         out = update_metrics(steps, self.metric_names())
         out["lr"] = self.scheduler.get_last_lr()[0]
         return {**out, **mismatch}
@@ -225,8 +255,7 @@ class Actor:
         """Cut the batch into mini-batches of groups_per_mini_batch groups, take this rank's
         contiguous share of each, and pack each share into micro-batches once for all mu passes."""
         c = self.config
-        mb = c.groups_per_mini_batch
-        mini_batches = [list(range(i, min(i + mb, batch.num_groups))) for i in range(0, batch.num_groups, mb)]
+        mini_batches = mini_batch_groups(batch.num_groups, c.train_batch_size, c.groups_per_mini_batch)
         mine = [set(distributed.share(ids, distributed.rank(), self.world)) for ids in mini_batches]
         rows = [[r for r in range(len(batch)) if int(batch.group[r]) in ids] for ids in mine]
         keep = batch.loss_mask(c.overlong_filter)
@@ -282,12 +311,14 @@ class Actor:
         """mu passes, one optimizer step per mini-batch; returns (pass, result) of every step."""
         assert batch.advantages is not None
         steps = []
+        stale = None if batch.staleness is None else batch.staleness > 0
         for epoch in range(self.config.mu):
             for i, mini in enumerate(plan.packed):
                 num_tokens, num_seqs = plan.denominators[i]
                 result = self.optimizer_step(mini, batch.advantages, old, ref, num_tokens=num_tokens,
                                              num_seqs=num_seqs, with_entropy=epoch == 0,
-                                             record_old=epoch == 0 and i == 0, engine=batch.engine_logprobs)
+                                             record_old=epoch == 0 and i == 0, engine=batch.engine_logprobs,
+                                             stale=stale)
                 steps.append((epoch, result))
                 grad_step = epoch * len(plan.packed) + i + 1
                 if result.skipped:
@@ -340,6 +371,27 @@ class Actor:
         self.scheduler.load_state_dict(state["scheduler"])
         self.optimizer_steps, self.skipped_steps = state["optimizer_steps"], state["skipped_steps"]
         self.bad_steps_in_row = state["bad_steps_in_row"]
+
+
+def mini_batch_groups(num_groups: int, train_batch_size: int, per_mini_batch: int) -> list[list[int]]:
+    """The groups of each mini-batch: runs of `per_mini_batch` groups, the last one shorter. A batch
+    with surplus groups (more than train_batch_size, config.surplus 'train') keeps the number of
+    mini-batches, hence of optimizer steps, the configured batch gives, and spreads the extra
+    groups over them one by one, the first mini-batches first.
+
+    >>> mini_batch_groups(4, 4, 2)
+    [[0, 1], [2, 3]]
+    >>> mini_batch_groups(7, 4, 2)
+    [[0, 1, 2, 3], [4, 5, 6]]
+    >>> mini_batch_groups(3, 1, 1)
+    [[0, 1, 2]]
+    """
+    base = max(train_batch_size, 1) if num_groups > train_batch_size else num_groups
+    sizes = [min(per_mini_batch, base - i) for i in range(0, base, per_mini_batch)]
+    for k in range(num_groups - base):
+        sizes[k % len(sizes)] += 1
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [list(range(start, start + n)) for start, n in zip(starts, sizes)]
 
 
 def update_metrics(steps: list[tuple[int, StepResult]], names: list[str]) -> dict[str, float]:

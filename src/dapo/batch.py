@@ -28,9 +28,11 @@ class TrainBatch:
     advantages: torch.Tensor | None = None        # [B]
     engine_logprobs: list[torch.Tensor] | None = None  # [B] x [len_i], the rollout engine's own
     old_logprobs: list[torch.Tensor] | None = None      # [B] x [len_i], the trainer's, before the update
-    # [B] bool: sampled by an earlier policy than the one this step updates (a surplus group carried
-    # over from an earlier step); None: every row was sampled by the current weights
-    stale: torch.Tensor | None = None
+    # [B] long: the policy version (train steps completed by the weights) that sampled each row
+    version: torch.Tensor | None = None
+    # [B] long: versions between the sampling policy and the one this step updates (a surplus group
+    # carried over, an asynchronous generator's rounds); set when the batch is formed. None: all 0
+    staleness: torch.Tensor | None = None
 
     # --- shape -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -50,7 +52,7 @@ class TrainBatch:
         return column.view(self.num_groups, -1)
 
     def is_stale(self, row: int) -> bool:
-        return self.stale is not None and bool(self.stale[row])
+        return self.staleness is not None and bool(self.staleness[row] > 0)
 
     def loss_mask(self, overlong_filter: bool) -> torch.Tensor:
         """[B] bool: responses that carry loss. Empty responses never do; with overlong filtering
@@ -104,8 +106,8 @@ class TrainBatch:
             parts = [getattr(b, f.name) for b in batches]
             if f.name == "group":
                 values[f.name] = torch.cat(groups)
-            elif f.name == "stale" and any(p is not None for p in parts):  # None: all fresh
-                values[f.name] = torch.cat([p if p is not None else torch.zeros(len(b), dtype=torch.bool)
+            elif f.name == "staleness" and any(p is not None for p in parts):  # None: all fresh
+                values[f.name] = torch.cat([p if p is not None else torch.zeros(len(b), dtype=torch.long)
                                             for p, b in zip(parts, batches)])
             elif any(p is None for p in parts):
                 values[f.name] = None
@@ -131,4 +133,6 @@ class TrainBatch:
 
     @staticmethod
     def from_state_dict(state: dict[str, Any]) -> "TrainBatch":
+        state = dict(state)
+        state.pop("stale", None)  # before 2026-12-06 a bool column, set again when the batch is formed
         return TrainBatch(**state)

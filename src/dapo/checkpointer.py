@@ -71,7 +71,7 @@ class Checkpointer:
         `check`: refuse a config that changes the run (False: the caller already did)."""
         checkpoint = Path(checkpoint)
         p, c = self.parts, self.parts.config
-        saved = DAPOConfig.from_yaml(checkpoint / "dapo_config.yaml")
+        saved = DAPOConfig.from_saved(checkpoint / "dapo_config.yaml")
         if check:
             check_resumable(saved, c)
         state = upgrade(load_trainer_state(checkpoint))

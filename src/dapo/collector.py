@@ -7,7 +7,11 @@
         keep the groups whose task rewards differ                 (Eq. 11's constraint)
     until train_batch_size groups are in the buffer
 
-Surplus groups of the last round stay in the buffer and open the next step's batch.
+The round that fills the buffer can bring more informative groups than the step needs: the
+surplus is trained in this step (surplus 'train'), opens the next step's batch ('carry', one
+policy version stale) or is dropped ('drop'). Every row records the policy version that sampled it
+(`TrainBatch.version`); the batch's `staleness` is how many versions that is behind the policy
+the step updates.
 """
 
 from __future__ import annotations
@@ -112,6 +116,7 @@ class BatchCollector:
                                                     c.overlong_penalty_factor),
             correct=scored.correct,
             engine_logprobs=[torch.tensor(s.logprobs[j]) for _, _, s, j in rows] if has_logprobs else None,
+            version=torch.full((len(rows),), self.step, dtype=torch.long),  # the weights after `step` updates
         )
 
     # --- Algorithm 1's inner loop ----------------------------------------------------------------
@@ -123,9 +128,10 @@ class BatchCollector:
         rounds was), else when max_num_gen_batches rounds did not fill the batch.
         """
         c = self.config
-        self.step = step - 1
-        for group in self.buffer.groups:  # surplus of an earlier step: sampled before the last update
-            group.stale = torch.ones(len(group), dtype=torch.bool)
+        self.step = step - 1  # the policy version that samples: the weights after step - 1 updates
+        for group in self.buffer.groups:
+            if group.version is None:  # carried over in a checkpoint of before 2026-12-06: one step stale
+                group.version = torch.full((len(group),), step - 2, dtype=torch.long)
         stats: dict[str, float] = {"gen_rounds": 0, "groups_kept": 0, "groups_dropped_all_same": 0,
                                    "groups_dropped_all_max": 0, "groups_dropped_all_min": 0,
                                    "groups_dropped_partial": 0, "groups_carried_over": len(self.buffer.groups),
@@ -170,8 +176,15 @@ class BatchCollector:
                         f"{correct} of {answered} answers this step were correct (accuracy >= {bound:.4f} with 95% "
                         f"confidence, solved_accuracy={c.solved_accuracy:g}): the policy solves the training prompts",
                         solved=True, sampled=self._sampled_stats(rounds))
-        batch = TrainBatch.cat(self.buffer.take())
+        surplus = len(self.buffer.groups) - c.train_batch_size
+        batch = TrainBatch.cat(self.buffer.take_all() if c.surplus == "train" else self.buffer.take())
+        if c.surplus == "drop":
+            self.buffer.groups = []
         stats.update(self._sampled_stats(rounds))
+        stats.update({"groups_surplus": surplus, "groups_trained": batch.num_groups})
+        if batch.version is not None:
+            batch.staleness = self.step - batch.version
+            stats.update(staleness_mean=float(batch.staleness.float().mean()), staleness_max=int(batch.staleness.max()))
         stats.update({
             "batch_reward_mean": float(batch.rewards.mean()),
             "batch_accuracy": float(batch.correct.mean()) if batch.correct is not None else None,

@@ -111,6 +111,12 @@ class DAPOConfig:
                                             "round (Algorithm 1 as written).", group="rollout")
     max_oversample: float = _f(8.0, "With refill 'stream': a round draws at most this many times the groups "
                                "still needed.", group="rollout")
+    surplus: Literal["train", "carry", "drop"] = _f(
+        "train", "Informative groups beyond train_batch_size from the round that filled the batch: 'train' trains "
+        "them in this step (the batch grows; its optimizer steps per train step do not); 'carry' opens the next "
+        "step's batch with them (sampled one policy version before the one trained: stale_correction applies); "
+        "'drop' discards them (verl's DAPO recipe). benchmarks/README.md section 17 measures the three.",
+        group="rollout")
     prompt_skip: bool = _f(True, "Skip prompts whose last k groups were all-equal with probability 1 - 2^-k "
                            "(GRESO, arXiv 2506.02177); never below min_draw_prob. Needs 2+ training prompts.",
                            group="rollout")
@@ -159,6 +165,12 @@ class DAPOConfig:
         "recomputes only surplus groups carried over from an earlier step ('sampler' is its old name); 'auto': "
         "engine with the hf engine at top_p 1, temperature > 0, dtype float32 and no FSDP bf16 mixed precision, "
         "recompute otherwise.",
+        group="loss")
+    stale_correction: Literal["none", "tis", "seq_tis", "mask", "seq_mis"] = _f(
+        "tis", "Correction of rows sampled by an earlier policy version than the one trained (surplus 'carry'): "
+        "decoupled PPO. The ratio's pi_old is the trainer's own log-probs before the update (the proximal "
+        "policy), and the behaviour policy is corrected by rollout_correction's weights on the engine's "
+        "log-probs, with its modes and caps. A rollout_correction other than none applies to every row instead.",
         group="loss")
     rollout_is_cap: float = _f(2.0, "Truncation of the token importance weight of rollout_correction 'tis'.",
                                group="loss")
@@ -368,6 +380,11 @@ class DAPOConfig:
                 and self.fsdp_mixed_precision == "none")
 
     @property
+    def can_be_stale(self) -> bool:
+        """Whether a trained row can come from an earlier policy version than the one it updates."""
+        return self.surplus == "carry"
+
+    @property
     def correction(self) -> str:
         """rollout_correction with 'auto' resolved for the engine."""
         if self.rollout_correction != "auto":
@@ -409,6 +426,12 @@ class DAPOConfig:
         values.update(overrides)
         return cls.from_dict(values, source=str(path))
 
+    @classmethod
+    def from_saved(cls, path: str | Path) -> "DAPOConfig":
+        """A config a run saved (dapo_config.yaml, config.yaml): a key it lacks was written before the
+        field existed and takes the value the run then trained with (SAVED_BEFORE_FIELD)."""
+        return cls.from_dict({**SAVED_BEFORE_FIELD, **read_yaml_values(path)}, source=str(path))
+
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
@@ -439,6 +462,10 @@ def read_yaml_values(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
     return values
+
+# What a run saved before a field existed did: a saved config without the key resumes with this
+# value, not today's default, so that it goes on exactly as it would have.
+SAVED_BEFORE_FIELD = {"surplus": "carry", "stale_correction": "none"}  # both added 2026-12-06
 
 # Fields `dapo train --resume` may change: they touch only logging, output, evaluation, the run's
 # length, or memory/speed knobs that leave the result equal up to floating-point rounding

@@ -79,7 +79,7 @@ def resumed_config(run_dir: Path, overrides: dict[str, Any], checkpoint: Path | 
         raise ConfigError("--output-dir cannot be combined with --resume: the run directory is the one resumed")
     if overrides.get("overwrite"):
         raise ConfigError("--overwrite cannot be combined with --resume: resuming continues the run in place")
-    saved = DAPOConfig.from_yaml((checkpoint or find_checkpoint(run_dir)) / "dapo_config.yaml")
+    saved = DAPOConfig.from_saved((checkpoint or find_checkpoint(run_dir)) / "dapo_config.yaml")
     config = DAPOConfig.from_dict({**saved.to_dict(), **overrides, "output_dir": str(run_dir)})
     check_resumable(saved, config)
     return config

@@ -45,8 +45,8 @@ def informative_groups(rewards: torch.Tensor, atol: float = 1e-8) -> torch.Tenso
 class DynamicSamplingBuffer(Generic[T]):
     """Algorithm 1's buffer: accepts informative groups until `target` are ready.
 
-    Surplus groups from the round that filled the buffer stay in it and open the next step's
-    batch (they are used exactly once, never dropped unreported and never duplicated).
+    Surplus groups from the round that filled the buffer are taken with the batch (`take_all`), or
+    stay in it and open the next step's batch (`take`); either way each is used once, never duplicated.
     """
 
     target: int
@@ -58,6 +58,11 @@ class DynamicSamplingBuffer(Generic[T]):
     @property
     def full(self) -> bool:
         return len(self.groups) >= self.target
+
+    def take_all(self) -> list[T]:
+        """Pop every group (the surplus trained in the same step)."""
+        batch, self.groups = self.groups, []
+        return batch
 
     def take(self) -> list[T]:
         """Pop the `target` oldest groups (first in, first out)."""

@@ -17,7 +17,8 @@ import dapo.checkpoint
 from dapo import DAPOConfig
 from dapo.checkpoint import write_manifest
 from dapo.checkpointer import upgrade
-from dapo.errors import CheckpointError
+from dapo.config import SAVED_BEFORE_FIELD
+from dapo.errors import CheckpointError, ResumeError
 from dapo.trainer import Trainer
 from toy_run import TESTS, TOY_OPTIONS, fails_with, toy_task, train
 
@@ -54,7 +55,11 @@ def test_a_version_2_checkpoint_resumes_exactly(tmp_path, monkeypatch):
     checkpoint = run / "checkpoints" / "step-000002"
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     assert state["version"] == 2 and "sampler" in state and "actor" not in state  # really the old format
-    config = DAPOConfig(**{**TOY_OPTIONS, "model": str(checkpoint), "output_dir": str(run)})
+    # The run's surplus groups opened the next step's batch, uncorrected (what a saved config without
+    # these keys means, SAVED_BEFORE_FIELD); today's defaults would refuse to resume it.
+    config = DAPOConfig(**{**TOY_OPTIONS, "model": str(checkpoint), "output_dir": str(run), **SAVED_BEFORE_FIELD})
+    with pytest.raises(ResumeError, match="surplus: 'carry' -> 'train'"):
+        Trainer(config.replace(surplus="train", stale_correction="tis"), task=toy_task()).restore(checkpoint)
     trainer = Trainer(config, task=toy_task())
     trainer.restore(checkpoint)
     assert trainer.step == 2 and len(trainer.collector.buffer.groups) == 2  # the carried-over groups came along

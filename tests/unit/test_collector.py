@@ -97,14 +97,37 @@ def test_round_keeps_informative_groups_and_counts_the_dropped(tokenizer, tiny, 
     assert stats["reward_errors"] == 0
 
 
-def test_surplus_groups_open_the_next_step_exactly_once(tokenizer, tiny, tmp_path):
+def test_surplus_groups_are_trained_in_the_step_that_sampled_them(tokenizer, tiny, tmp_path):
     run, calls = make_run(tokenizer, tiny, tmp_path, [ALL_MAX, MIXED_A, MIXED_B], train_batch_size=1)
     first, s1 = run.collect_batch()
+    assert (s1["gen_rounds"], s1["groups_kept"], s1["groups_surplus"], s1["groups_trained"]) == (1, 2, 1, 2)
+    assert first.num_groups == 2 and len(run.buffer.groups) == 0
+    assert first.version.tolist() == [0] * 8 and first.staleness.tolist() == [0] * 8
+    assert (s1["staleness_mean"], s1["staleness_max"]) == (0.0, 0)
+    second, s2 = run.collect_batch()  # nothing carried: a new round, sampled by version 1
+    assert (s2["gen_rounds"], s2["groups_carried_over"], len(calls)) == (1, 0, 6)
+    assert second.version.tolist() == [1] * 8 and not second.staleness.any()
+
+
+def test_surplus_drop_discards_what_the_batch_does_not_need(tokenizer, tiny, tmp_path):
+    run, calls = make_run(tokenizer, tiny, tmp_path, [ALL_MAX, MIXED_A, MIXED_B], train_batch_size=1, surplus="drop")
+    first, s1 = run.collect_batch()
+    assert (first.num_groups, s1["groups_surplus"], len(run.buffer.groups)) == (1, 1, 0)
+    second, s2 = run.collect_batch()
+    assert (s2["gen_rounds"], s2["groups_carried_over"], len(calls)) == (1, 0, 6)
+
+
+def test_surplus_groups_open_the_next_step_exactly_once(tokenizer, tiny, tmp_path):
+    run, calls = make_run(tokenizer, tiny, tmp_path, [ALL_MAX, MIXED_A, MIXED_B], train_batch_size=1,
+                          surplus="carry")
+    first, s1 = run.collect_batch()
     assert (s1["gen_rounds"], s1["groups_kept"], len(run.buffer.groups)) == (1, 2, 1)
-    assert first.stale is None or not first.stale.any()
+    assert not first.staleness.any()
     second, s2 = run.collect_batch()  # the surplus group fills this step: no generation at all
     assert (s2["gen_rounds"], s2["groups_carried_over"], len(calls)) == (0, 1, 3)  # 3 prompts, 1 round
-    assert second.stale.all()  # sampled before the first update: the Actor recomputes its pi_old
+    # sampled by version 0, trained at step 2 (version 1): one behind; the Actor recomputes its pi_old
+    assert second.version.tolist() == [0] * 4 and second.staleness.tolist() == [1] * 4
+    assert (s2["staleness_mean"], s2["staleness_max"]) == (1.0, 1)
     # a step that sampled nothing has no sampled statistics (null, a gap in the curves: neither a
     # reward of 0 nor the carried group's numbers read as this step's); its batch's are labelled so
     assert (s2["gen_tokens"], s2["reward_mean"], s2["accuracy"], s2["response_length_mean"]) == (0, None, None, None)

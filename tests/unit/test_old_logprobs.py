@@ -27,7 +27,7 @@ def two_mini_batch_update(tiny, tokenizer, mode: str, shift: float = 0.0, stale_
     forwards run, metrics, model, batch)."""
     batch = make_batch(tokenizer)
     if stale_group is not None:
-        batch.stale = batch.group == stale_group
+        batch.staleness = (batch.group == stale_group).long()
     model = copy.deepcopy(tiny)
     config = DAPOConfig(old_logprobs=mode, mu=1, train_batch_size=2, mini_batch_size=1, lr=lr, threads=2, **config)
     actor = Actor(model, config, pad_id=2)
@@ -90,16 +90,41 @@ def test_stale_rows_are_recomputed(tiny, tokenizer):
     assert m["mismatch_max_abs"] == 0.0 and m["mismatch_kl"] == 0.0
 
 
+@pytest.mark.parametrize("shift, weight", [(0.1, math.exp(0.1)), (1.0, 2.0)])
+def test_stale_rows_are_corrected_by_the_behaviour_policy(tiny, tokenizer, shift, weight):
+    """Decoupled PPO on a carried-over group (surplus 'carry', stale_correction 'tis'): the ratio's
+    pi_old is the trainer's recomputed log-prob (ratio 1 at lr 1e-30), and each token is weighed by
+    min(pi_prox / pi_behaviour, 2) = min(e^shift, 2), the sampler's log-probs being `shift` below.
+    Group 0 is fresh: weight 1. The metrics average the two optimizer steps: weight (1 + w) / 2,
+    capped share (0 + [w == 2]) / 2; stale_kl is k3 of the stale rows, e^shift - shift - 1."""
+    obj, _, m, _, batch = two_mini_batch_update(tiny, tokenizer, "engine", shift=shift, stale_group=1, lr=1e-30,
+                                                surplus="carry")
+    assert obj[1] == pytest.approx(token_mean_advantage(batch, 0), rel=1e-5)
+    assert obj[2] == pytest.approx(weight * token_mean_advantage(batch, 1), rel=1e-5)
+    assert m["rollout_is_weight"] == pytest.approx((1 + weight) / 2, rel=1e-5)
+    assert m["rollout_is_capped"] == pytest.approx(0.5 if weight == 2.0 else 0.0)
+    assert m["stale_kl"] == pytest.approx(math.exp(shift) - shift - 1, rel=1e-4)
+    # group 0 (fresh) is shifted too: that is train-inference mismatch, measured apart from staleness
+    assert m["mismatch_kl"] == pytest.approx(math.exp(shift) - shift - 1, rel=1e-4)
+    # stale_correction none: the stale group trains as a fresh one would
+    obj, _, m, _, batch = two_mini_batch_update(tiny, tokenizer, "engine", shift=shift, stale_group=1, lr=1e-30,
+                                                surplus="carry", stale_correction="none")
+    assert obj[2] == pytest.approx(token_mean_advantage(batch, 1), rel=1e-5) and "rollout_is_weight" not in m
+
+
 def test_stale_column_through_cat_and_select():
     a = TrainBatch(group=torch.tensor([0, 0]), prompt_index=torch.tensor([0, 0]), prompt_ids=[[1], [1]],
                    response_ids=[[2], [3]], truncated=torch.zeros(2, dtype=torch.bool), completions=["", ""],
                    scores=torch.zeros(2, 1), task_rewards=torch.tensor([0.0, 1.0]), rewards=torch.tensor([0.0, 1.0]))
     b = copy.deepcopy(a)
-    b.stale = torch.ones(2, dtype=torch.bool)
+    b.staleness = torch.tensor([2, 2])
     both = TrainBatch.cat([b, a])
-    assert both.stale.tolist() == [True, True, False, False]
-    assert both.select_groups([1]).stale.tolist() == [False, False]
-    assert TrainBatch.cat([a, a]).stale is None and not a.is_stale(0) and both.is_stale(1)
+    assert both.staleness.tolist() == [2, 2, 0, 0]
+    assert both.select_groups([1]).staleness.tolist() == [0, 0]
+    assert TrainBatch.cat([a, a]).staleness is None and not a.is_stale(0) and both.is_stale(1)
+    legacy = {**a.state_dict(), "stale": torch.ones(2, dtype=torch.bool)}
+    del legacy["version"], legacy["staleness"]
+    assert TrainBatch.from_state_dict(legacy).version is None  # a checkpoint of before 2026-12-06
 
 
 def test_auto_resolution_and_refusals():
