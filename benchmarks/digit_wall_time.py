@@ -5,8 +5,10 @@ evaluations and the summary included), and the share of 32 sampled answers that 
 after training. `--old` adds the same runs with dynamic sampling as it was before streaming refill,
 prompt skipping and the confidence-bound stop (`--refill rounds --no-prompt-skip --solved-accuracy 1`).
 `--lora` adds the same runs training rank-16 LoRA adapters (`--lora-rank 16 --lr 3e-4`).
+`--carry` adds the same runs with surplus groups carried to the next step, uncorrected (the default
+before 2026-12-06: `--surplus carry --stale-correction none`).
 
-    python benchmarks/digit_wall_time.py --seeds 0 1 2 [--old] [--lora]
+    python benchmarks/digit_wall_time.py --seeds 0 1 2 [--old] [--lora] [--carry]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from common import machine_line
 
 OLD = ["--refill", "rounds", "--no-prompt-skip", "--solved-accuracy", "1"]
 LORA = ["--lora-rank", "16", "--lr", "3e-4"]
+CARRY = ["--surplus", "carry", "--stale-correction", "none"]
 
 
 def run(seed: int, extra: list[str]) -> tuple[float, float, int]:
@@ -43,10 +46,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--old", action="store_true", help="also run the pre-streaming dynamic sampling")
     p.add_argument("--lora", action="store_true", help="also run with rank-16 LoRA adapters")
+    p.add_argument("--carry", action="store_true", help="also run with the surplus carried over (before 2026-12-06)")
     args = p.parse_args()
     print(machine_line())
     variants = ({"dapo train (defaults)": []} | ({"old dynamic sampling": OLD} if args.old else {})
-                | ({"LoRA r16, lr 3e-4": LORA} if args.lora else {}))
+                | ({"LoRA r16, lr 3e-4": LORA} if args.lora else {})
+                | ({"surplus carried, uncorrected": CARRY} if args.carry else {}))
     print("| variant | seed | wall seconds | train steps | share of \"5\" after |")
     print("|---|---|---|---|---|")
     summary = {}

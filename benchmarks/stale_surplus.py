@@ -13,7 +13,8 @@ Before 2026-12-06 they opened the next step's batch: sampled by the policy befor
 
 Tasks: `digit` (the seed example), `arithmetic` (configs/arithmetic.yaml) and `words`, a small
 custom-reward task built here as a user would (12 prompts "Write the number N in words" in a JSONL
-file, a TRL-style reward function in a .py file, held-out numbers in another file). Each run is a
+file, a TRL-style reward function in a .py file: 1 when the answer says the word; the 9 other numbers
+up to 20 held out in another file). Each run is a
 `dapo train` with one thread; two run at a time (one core each). Prints one table row per task and
 arm: held-out avg@k after the last step for each seed, their mean, and what the steps trained on.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -46,11 +48,11 @@ REWARD_FILE = '''import re
 
 
 def number_word(prompts, completions, answer, **kwargs):
-    """1 if the completion is the number's word (case and punctuation aside), else 0."""
+    """1 if the completion says the number's word (any case), else 0."""
     out = []
-    for completion in completions:
+    for completion, word in zip(completions, answer):
         text = completion[0]["content"] if isinstance(completion, list) else completion
-        out.append(1.0 if re.sub(r"[^a-z-]", "", text.lower()) == answer else 0.0)
+        out.append(1.0 if re.search(rf"\\b{word}\\b", text.lower()) else 0.0)
     return out
 '''
 
@@ -58,7 +60,7 @@ def number_word(prompts, completions, answer, **kwargs):
 def words_task(out: Path) -> list[str]:
     """The custom-reward task's files, and the `dapo train` options that use them."""
     out.mkdir(parents=True, exist_ok=True)
-    train = [3, 5, 7, 8, 9, 11, 12, 14, 15, 17, 18, 20]
+    train = [0, 1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
 
     def record(n: int) -> str:
         return json.dumps({"prompt": f"Write the number {n} in words. Answer with the word only.",
@@ -69,7 +71,7 @@ def words_task(out: Path) -> list[str]:
     (out / "reward.py").write_text(REWARD_FILE)
     return ["--data", str(out / "train.jsonl"), "--eval-data", str(out / "test.jsonl"),
             "--reward", f"{out / 'reward.py'}:number_word", "--group-size", "12", "--train-batch-size", "2",
-            "--gen-batch-size", "2", "--train-steps", "5", "--max-new-tokens", "4", "--eval-samples", "8"]
+            "--gen-batch-size", "2", "--train-steps", "5", "--max-new-tokens", "8", "--eval-samples", "8"]
 
 
 def task_options(task: str, out: Path) -> list[str]:
@@ -114,8 +116,12 @@ def main() -> None:
         for proc, job in list(running):
             if block or proc.poll() is not None:
                 if proc.wait() != 0:
+                    for other, _ in running:
+                        other.kill()
                     sys.exit(f"{job}: dapo train failed:\n{proc.stderr.read()[-3000:]}")
                 results[job] = summary(run_dir(job))
+                (run_dir(job) / "summary.json").write_text(json.dumps(results[job]))
+                shutil.rmtree(run_dir(job) / "checkpoints")  # 1.6 GB each: the figures are in the logs
                 running.remove((proc, job))
                 print(f"  done {job}: {results[job]}", flush=True)
                 block = False
@@ -126,8 +132,8 @@ def main() -> None:
             time.sleep(1)
             reap(False)
         task, arm, seed = job
-        if (run_dir(job) / "eval.jsonl").is_file() and (run_dir(job) / "checkpoints").is_dir():
-            results[job] = summary(run_dir(job))  # finished in an earlier call
+        if (run_dir(job) / "summary.json").is_file():
+            results[job] = json.loads((run_dir(job) / "summary.json").read_text())  # finished in an earlier call
             continue
         cmd = [sys.executable, "-m", "dapo", "train", *task_options(task, out), *ARMS[arm], "--seed", str(seed),
                "--threads", "1", "--save-every", "0", "--eval-every", "0", "--keep-last", "1", "--overwrite",

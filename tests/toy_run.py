@@ -69,13 +69,13 @@ def toy_task(name: str = "toy") -> Task:
     return Task("toy", PROMPTS, held_out, {"length": length_reward, "judge": judge}, judge, "judge")
 
 
-# Options shared by every resume test: fixed rounds of gen_batch_size > train_batch_size leave
-# groups in the dynamic-sampling buffer across steps (tests/unit/test_dynamic_sampling.py resumes the
+# Options shared by every resume test: fixed rounds of gen_batch_size > train_batch_size with surplus
+# 'carry' leave groups in the dynamic-sampling buffer across steps (tests/unit/test_dynamic_sampling.py resumes the
 # default streaming refill); two mini-batches, mu 2, warm-up and a cosine schedule
 # exercise the optimizer and scheduler state.
 TOY_OPTIONS = dict(group_size=4, max_new_tokens=3, train_batch_size=2, gen_batch_size=3, mini_batch_size=1, mu=2,
                    lr=1e-3, warmup_steps=2, lr_schedule="cosine", train_steps=4, threads=1, verbose=False,
-                   eval_samples=2, refill="rounds")
+                   eval_samples=2, refill="rounds", surplus="carry")
 
 
 class FixedEngine(RolloutEngine):

@@ -27,6 +27,7 @@ from dapo.data import PromptSampler, encode_prompt
 from dapo.engines import RolloutEngine, make_engine
 from dapo.errors import ConfigError, DataError
 from dapo.evaluate import Evaluator
+from dapo.generator import AsyncGenerator, split_threads
 from dapo.lora import apply_lora
 from dapo.models import load_model, load_tokenizer, pick_device, stop_token_ids
 from dapo.reporting import Reporter
@@ -56,9 +57,10 @@ class Parts:
     actor: Actor
     evaluator: Evaluator | None         # None: the task has no held-out set or no accuracy function
 
-    def sync_engine(self) -> None:
-        """The rollout engine samples from the new weights; with several ranks they are gathered
-        from the shards into every rank's unsharded copy first."""
+    def sync_engine(self, version: int) -> None:
+        """The rollout engine samples from the new weights, policy `version` (train steps done); with
+        several ranks they are gathered from the shards into every rank's unsharded copy first. An
+        asynchronous generator (max_staleness >= 1) gets them through its mailbox."""
         if distributed.world_size() > 1:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -67,9 +69,14 @@ class Parts:
                 self.gen_model.load_state_dict(full)
             del full
         self.engine.sync_weights(self.gen_model)
+        if self.collector.generator is not None:
+            self.collector.generator.publish(self.gen_model, version)
 
     def close(self) -> None:
-        """Reward workers end; an engine built here (vLLM holds its KV cache) is closed."""
+        """Reward workers end; an engine built here (vLLM holds its KV cache) and the generator
+        process are closed."""
+        if self.collector.generator is not None:
+            self.collector.generator.close()
         self.scorer.close()
         if self.owns_engine:
             self.engine.close()
@@ -92,10 +99,16 @@ def build(config: DAPOConfig, reporter: Reporter, *, task: Task | None = None, r
     # Data and reward functions first: a bad file or reward spec fails before the model loads.
     task = task if task is not None else build_task(c, rewards_given=reward_fns is not None)
     fns = (use_reward_fns(task, reward_fns, c) if reward_fns is not None else reward_functions(task, c.reward_weights))
-    torch.set_num_threads(c.threads or os.cpu_count() or 1)
+    threads = c.threads or os.cpu_count() or 1
+    trainer_threads, generator_threads = split_threads(threads, c.generator_threads) if c.max_staleness else (threads, 0)
+    torch.set_num_threads(trainer_threads)
     device = pick_device(c.device)
     distributed.init(device)  # under torchrun: the process group (gloo on CPU, NCCL on CUDA)
     world = distributed.world_size()
+    if c.max_staleness and world > 1:
+        raise ConfigError("max_staleness >= 1 (asynchronous rollouts) with several ranks is not supported yet: each "
+                          "rank would need its own generator fed with the gathered weights (docs/async.md); use "
+                          "max_staleness 0 with --nproc, or one process")
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(c.model)
@@ -127,11 +140,33 @@ def build(config: DAPOConfig, reporter: Reporter, *, task: Task | None = None, r
                           on_error=c.reward_errors, warn=reporter.warning)
     collector = BatchCollector(c, engine, scorer, PromptSampler(task.train, seed=c.seed), prompt_ids, tokenizer,
                                [rf.weight for rf in fns], stop_ids, reporter)
+    if c.max_staleness:
+        collector.generator = start_generator(c, gen_model, tokenizer.pad_token_id, trainer_threads, generator_threads,
+                                              reporter)
     # Several ranks: rank 0 evaluates alone, on its unsharded copy.
     evaluator = (Evaluator(c, engine, tokenizer, task.eval, scorer, stop_ids, template_warning)
                  if task.accuracy is not None and task.eval and distributed.rank() == 0 else None)
     return Parts(c, task, fns, tokenizer, model, gen_model, peft, prompt_ids, stop_ids, engine, owns_engine, scorer,
                  collector, actor, evaluator)
+
+
+def start_generator(c: DAPOConfig, model: torch.nn.Module, pad_id: int, trainer_threads: int, generator_threads: int,
+                    reporter: Reporter) -> AsyncGenerator:
+    """The generator process of asynchronous rollouts, with the current weights as version 0. With
+    as many threads as cores, each side is pinned to its own cores."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pinned = len(cores) == trainer_threads + generator_threads and model.device.type == "cpu"
+    generator = AsyncGenerator(c, model, pad_id, generator_threads, c.seed,  # the first round: as in lock-step
+                               cores[trainer_threads:] if pinned else None)
+    if pinned:
+        os.sched_setaffinity(0, cores[:trainer_threads])
+        generator.restore_affinity = cores  # Parts.close: this process gets all its cores back
+    generator.publish(model, 0)
+    on = lambda some: f" on cores {','.join(map(str, some))}" if pinned else ""  # noqa: E731
+    generator.description = (f"-- Asynchronous rollouts (max_staleness {c.max_staleness}): generator process "
+                             f"{generator.pid} with {generator_threads} thread(s){on(cores[trainer_threads:])}, "
+                             f"trainer with {trainer_threads}{on(cores[:trainer_threads])}")
+    return generator
 
 
 def build_evaluation(config: DAPOConfig, reporter: Reporter | None = None) -> Evaluator:

@@ -83,7 +83,7 @@ class Checkpointer:
                                   f"the {c.lr_schedule} learning-rate schedule is stretched to the new length from "
                                   "here on")
         self._load_weights(checkpoint, state["actor"])
-        p.sync_engine()
+        p.sync_engine(int(state["step"]))
         p.collector.load_state_dict(state["collector"])
         p.engine.load_state_dict(state["engine"])
         saved_world = int(state["world_size"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,14 +28,19 @@ from dapo import distributed
 from dapo.batch import TrainBatch
 from dapo.config import DAPOConfig
 from dapo.data import PromptSampler
-from dapo.engines import RolloutEngine, SamplingParams
+from dapo.engines import RolloutEngine, Samples, SamplingParams
 from dapo.errors import DynamicSamplingExhausted, check_state_keys, oom_guard
+from dapo.generator import AsyncGenerator
 from dapo.progress import Progress
 from dapo.reporting import Reporter
 from dapo.rewards import TrainerState, combine, overlong_penalty
 from dapo.sampling import DynamicSamplingBuffer, accuracy_lower_bound, informative_groups, refill_size, skip_probability
 from dapo.scorer import RewardScorer
 
+# Metrics of a step with asynchronous rollouts (seconds): the trainer waiting for rounds, the generator
+# sampling, waiting for recent enough weights (pacing), loading them, and waiting for requests.
+ASYNC_TIMINGS = ("wait_seconds", "generator_seconds", "generator_weight_wait_seconds", "weight_load_seconds",
+                 "generator_idle_seconds")
 RECENT_DECAY = 0.8  # per round: the keep rate drifts as the policy learns, so old rounds count less
 
 
@@ -56,6 +62,11 @@ class BatchCollector:
         self.skip_rng = random.Random(config.seed * 7919 + 17)
         self.reward_errors = 0  # values scored 0 for an error in the current step (reward_errors="zero")
         self.samples_generated = 0  # responses sampled by this rank over the run (config.max_samples)
+        # Asynchronous rollouts (max_staleness >= 1): the generator process, and the rounds submitted
+        # to it and not yet received, oldest first: (prompt indices, prompts skipped drawing them,
+        # ticket, the train step it is for).
+        self.generator: AsyncGenerator | None = None
+        self.ahead: deque[tuple[list[int], int, int, int]] = deque()
 
     @property
     def progress(self) -> Progress:
@@ -88,10 +99,15 @@ class BatchCollector:
         return TrainBatch.cat([p for p, _, _ in gathered if p is not None])
 
     def _rollout(self, indices: list[int]) -> TrainBatch:
+        prompts = [self.prompt_ids[i] for i in indices]
+        with oom_guard("generation", self.config):
+            samples = self.engine.generate(prompts, self.config.group_size, self.sampling)
+        return self._score(indices, samples, self.step)
+
+    def _score(self, indices: list[int], samples: list[Samples], version: int) -> TrainBatch:
+        """The round's TrainBatch: `samples` (G per prompt of `indices`, sampled by policy `version`) scored."""
         c, records = self.config, self.sampler.records
         prompts = [self.prompt_ids[i] for i in indices]
-        with oom_guard("generation", c):
-            samples = self.engine.generate(prompts, c.group_size, self.sampling)
         rows = [(i, p, s, j) for i, p, s in zip(indices, prompts, samples) for j in range(len(s.response_ids))]
         response_ids = [s.response_ids[j] for _, _, s, j in rows]
         texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
@@ -116,7 +132,7 @@ class BatchCollector:
                                                     c.overlong_penalty_factor),
             correct=scored.correct,
             engine_logprobs=[torch.tensor(s.logprobs[j]) for _, _, s, j in rows] if has_logprobs else None,
-            version=torch.full((len(rows),), self.step, dtype=torch.long),  # the weights after `step` updates
+            version=torch.full((len(rows),), version, dtype=torch.long),
         )
 
     # --- Algorithm 1's inner loop ----------------------------------------------------------------
@@ -140,17 +156,24 @@ class BatchCollector:
         correct, answered = 0, 0
         gen_seconds = 0.0
         self.reward_errors = 0
-        while not self.buffer.full:
-            if c.max_num_gen_batches and stats["gen_rounds"] >= c.max_num_gen_batches:
+        timing = dict.fromkeys(ASYNC_TIMINGS, 0.0)
+        # A round submitted for this step is received even when carried groups already fill the batch:
+        # waiting longer would take it past the staleness bound its pacing was set for.
+        while not self.buffer.full or (self.ahead and self.ahead[0][-1] <= step):
+            if c.max_num_gen_batches and stats["gen_rounds"] >= c.max_num_gen_batches and not self.buffer.full:
                 self._exhausted(step, stats, correct, answered, rounds)
             stats["gen_rounds"] += 1
             self.progress.generating(step)
-            indices, skipped = self._draw(self._round_size())
-            stats["prompts_skipped"] += skipped
-            stats["prompts_generated"] += len(indices)
-            self.samples_generated += len(indices) * c.group_size
             t0 = time.perf_counter()
-            round_ = self.rollout(indices)
+            if self.generator is None:
+                indices, skipped = self._draw(self._round_size())
+                self._count_round(stats, indices, skipped)
+                self.samples_generated += len(indices) * c.group_size
+                round_ = self.rollout(indices)
+            else:
+                if not self.ahead:
+                    self._submit(*self._draw(self._round_size()), step)
+                round_ = self._receive(stats, timing)
             gen_seconds += time.perf_counter() - t0
             rounds.append(round_)
             keep = (informative_groups(round_.grouped(round_.task_rewards)) if c.dynamic_sampling
@@ -177,9 +200,17 @@ class BatchCollector:
                         f"confidence, solved_accuracy={c.solved_accuracy:g}): the policy solves the training prompts",
                         solved=True, sampled=self._sampled_stats(rounds))
         surplus = len(self.buffer.groups) - c.train_batch_size
-        batch = TrainBatch.cat(self.buffer.take_all() if c.surplus == "train" else self.buffer.take())
+        groups = self.buffer.take_all() if c.surplus == "train" else self.buffer.take()
         if c.surplus == "drop":
             self.buffer.groups = []
+        elif c.max_staleness:  # pacing: a group that would be over the bound next step is trained now
+            late = [g for g in self.buffer.groups if self.step + 1 - int(g.version.min()) > c.max_staleness]
+            groups += late
+            self.buffer.groups = [g for g in self.buffer.groups if not any(g is x for x in late)]
+        batch = TrainBatch.cat(groups)
+        if self.generator is not None:  # keep the generator busy while this batch trains
+            self._submit_ahead(step)
+            stats.update(timing, weight_publish_seconds=self.generator.publish_seconds)
         stats.update(self._sampled_stats(rounds))
         stats.update({"groups_surplus": surplus, "groups_trained": batch.num_groups})
         if batch.version is not None:
@@ -196,6 +227,44 @@ class BatchCollector:
         })
         stats["reward_errors"] = self.reward_errors
         return batch, stats
+
+    def _count_round(self, stats: dict[str, float], indices: list[int], skipped: int) -> None:
+        stats["prompts_skipped"] += skipped
+        stats["prompts_generated"] += len(indices)
+
+    # --- asynchronous rounds (generator.py) -------------------------------------------------------
+    def _submit(self, indices: list[int], skipped: int, for_step: int) -> None:
+        """Queue a round for train step `for_step`: sampled by weights at most max_staleness versions
+        older than those that step trains (version for_step - 1)."""
+        assert self.generator is not None
+        c = self.config
+        ticket = self.generator.submit([self.prompt_ids[i] for i in indices], c.group_size, self.sampling,
+                                       min_version=for_step - 1 - c.max_staleness)
+        self.samples_generated += len(indices) * c.group_size
+        self.ahead.append((indices, skipped, ticket, for_step))
+
+    def _receive(self, stats: dict[str, float], timing: dict[str, float]) -> TrainBatch:
+        """The oldest submitted round, scored; counted in `stats`, its waits added to `timing`."""
+        assert self.generator is not None
+        indices, skipped, ticket, _ = self.ahead.popleft()
+        self._count_round(stats, indices, skipped)
+        round_, waited = self.generator.result(ticket)
+        timing["wait_seconds"] += waited
+        timing["generator_seconds"] += round_.gen_seconds
+        timing["generator_weight_wait_seconds"] += round_.weight_wait_seconds
+        timing["weight_load_seconds"] += round_.weight_load_seconds
+        timing["generator_idle_seconds"] += round_.idle_seconds
+        return self._score(indices, round_.samples, round_.version)
+
+    def _submit_ahead(self, step: int) -> None:
+        """After step `step`'s batch is full: one round for each of the next max_staleness steps that
+        has none yet, as many prompts as the recent keep rate says a whole batch needs (the step
+        that receives it counts it)."""
+        c = self.config
+        planned = {for_step for *_, for_step in self.ahead}
+        for for_step in range(step + 1, min(step + c.max_staleness, c.train_steps) + 1):
+            if for_step not in planned:
+                self._submit(*self._draw(self._round_size()), for_step)
 
     # --- refill and prompt skipping ---------------------------------------------------------------
     def _round_size(self) -> int:
@@ -299,6 +368,8 @@ class BatchCollector:
         version, internal, gauss = self.skip_rng.getstate()
         return {"prompts": self.sampler.state_dict(), "buffer": [g.state_dict() for g in self.buffer.groups],
                 "samples_generated": self.samples_generated,
+                # asynchronous rollouts: rounds submitted and not yet received, regenerated on resume
+                "ahead": [{"indices": i, "skipped": k, "for_step": t} for i, k, _, t in self.ahead],
                 "refill": {"kept_recent": self.kept_recent, "seen_recent": self.seen_recent,
                            "streak_prompts": list(self.streaks), "streak_lengths": list(self.streaks.values()),
                            "skip_rng": [version, list(internal), gauss]}}
@@ -307,6 +378,9 @@ class BatchCollector:
         check_state_keys("collector", state, self.STATE_KEYS)
         self.sampler.load_state_dict(state["prompts"])
         self.buffer.groups = [TrainBatch.from_state_dict(g) for g in state["buffer"]]
+        self.ahead.clear()
+        for r in state.get("ahead", []):  # sampled again, from the checkpoint's weights (docs/async.md)
+            self._submit(r["indices"], r["skipped"], r["for_step"])
         self.samples_generated = state.get("samples_generated", 0)  # not kept before 2026-12: a budget restarts
         refill = state["refill"]
         self.kept_recent, self.seen_recent = refill["kept_recent"], refill["seen_recent"]

@@ -117,6 +117,12 @@ class DAPOConfig:
         "step's batch with them (sampled one policy version before the one trained: stale_correction applies); "
         "'drop' discards them (verl's DAPO recipe). benchmarks/README.md section 17 measures the three.",
         group="rollout")
+    max_staleness: int = _f(
+        0, "How many policy versions rollouts may run ahead of training. 0: lock-step (generate, then train). "
+        "k >= 1: a generator process samples the next k steps' rounds while the trainer trains, with weights at "
+        "most k versions older than the policy each group updates (docs/async.md).", group="rollout")
+    generator_threads: int = _f(0, "With max_staleness >= 1: CPU threads of the generator process; 0: half of "
+                                "`threads` (the trainer keeps the rest).", group="rollout")
     prompt_skip: bool = _f(True, "Skip prompts whose last k groups were all-equal with probability 1 - 2^-k "
                            "(GRESO, arXiv 2506.02177); never below min_draw_prob. Needs 2+ training prompts.",
                            group="rollout")
@@ -167,7 +173,8 @@ class DAPOConfig:
         "recompute otherwise.",
         group="loss")
     stale_correction: Literal["none", "tis", "seq_tis", "mask", "seq_mis"] = _f(
-        "tis", "Correction of rows sampled by an earlier policy version than the one trained (surplus 'carry'): "
+        "tis", "Correction of rows sampled by an earlier policy version than the one trained (surplus 'carry', "
+        "max_staleness >= 1): "
         "decoupled PPO. The ratio's pi_old is the trainer's own log-probs before the update (the proximal "
         "policy), and the behaviour policy is corrected by rollout_correction's weights on the engine's "
         "log-probs, with its modes and caps. A rollout_correction other than none applies to every row instead.",
@@ -223,7 +230,8 @@ class DAPOConfig:
                           "0: no limit). `dapo ablate` gives every arm the same budget this way.", group="optim")
     mu: int = _f(2, "Passes over each rollout batch (the paper's mu); grad steps per train step = "
                  "mu * ceil(train_batch_size / mini_batch_size).", group="optim")
-    mini_batch_size: int = _f(0, "Groups per optimizer step; 0 means train_batch_size.", group="optim")
+    mini_batch_size: int = _f(0, "Groups per optimizer step; 0 means train_batch_size. Surplus groups trained in "
+                              "their step (surplus 'train') are spread over the same optimizer steps.", group="optim")
     lr: float = _f(3e-5, "AdamW learning rate.", group="optim")
     weight_decay: float = _f(0.0, "AdamW weight decay.", group="optim")
     adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas.", group="optim")
@@ -285,7 +293,8 @@ class DAPOConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        non_negative = ["threads", "max_samples", "max_num_gen_batches", "mini_batch_size", "warmup_steps", "eval_every",
+        non_negative = ["threads", "max_staleness", "generator_threads",
+                        "max_samples", "max_num_gen_batches", "mini_batch_size", "warmup_steps", "eval_every",
                         "save_every", "overlong_buffer_len", "weight_decay", "max_grad_norm", "kl_coef",
                         "max_eval_prompts", "overlong_penalty_factor", "eval_temperature", "log_samples_every",
                         "reward_timeout"]
@@ -382,7 +391,7 @@ class DAPOConfig:
     @property
     def can_be_stale(self) -> bool:
         """Whether a trained row can come from an earlier policy version than the one it updates."""
-        return self.surplus == "carry"
+        return self.surplus == "carry" or self.max_staleness > 0
 
     @property
     def correction(self) -> str:

@@ -98,7 +98,7 @@ class Trainer:
                     t1 = time.perf_counter()
                     with oom_guard("training", c):
                         stats.update(self.actor.update(batch, self.step + 1, on_grad_step=self._grad_step_done))
-                    self.parts.sync_engine()
+                    self.parts.sync_engine(self.step + 1)
                     train_seconds = time.perf_counter() - t1
                     stats.update(train_seconds=train_seconds, step_seconds=time.perf_counter() - t0,
                                  train_tokens_per_second=stats.pop("train_tokens") / max(train_seconds, 1e-9),
@@ -179,6 +179,9 @@ class Trainer:
         try:
             distributed.on_rank0(lambda: self.reporter.open(self.run_dir, self.config, self.resumed_from is not None,
                                                             estimate_checkpoint_bytes(self.model)))
+            generator = self.collector.generator
+            if generator is not None and distributed.rank() == 0:
+                self.reporter.display.note(generator.description)
             if self.resumed_from is not None:
                 self.reporter.display.note(f"-- Resuming {self.run_dir} from {self.resumed_from.name} (step {self.step})")
             yield

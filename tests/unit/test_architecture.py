@@ -109,3 +109,14 @@ def test_engines_are_registered_by_import_string_and_loaded_when_named():
     code = "import sys, dapo.engines, dapo.trainer; print('dapo.vllm_engine' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in SRC.glob("*.py") if ">>> " in p.read_text()))
+def test_docstring_examples(module):
+    """The `>>>` examples in docstrings (refill and skip arithmetic, mini-batch cuts, thread splits)
+    are worked numbers: they must hold."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"dapo.{module}"))
+    assert result.attempted and not result.failed

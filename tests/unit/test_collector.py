@@ -109,6 +109,22 @@ def test_surplus_groups_are_trained_in_the_step_that_sampled_them(tokenizer, tin
     assert second.version.tolist() == [1] * 8 and not second.staleness.any()
 
 
+def test_surplus_groups_join_the_configured_optimizer_steps(tokenizer, tiny, tmp_path):
+    """3 informative groups for train_batch_size 2 in mini-batches of 1 group: still 2 optimizer
+    steps per pass (mu 2: 4 in all), the first mini-batch taking 2 groups."""
+    from dapo.actor import mini_batch_groups
+    from dapo.advantages import group_advantages
+
+    run, _ = make_run(tokenizer, tiny, tmp_path, [MIXED_A, MIXED_B, {**MIXED_A, "prompt": "mixed c"}],
+                      train_batch_size=2, mini_batch_size=1, mu=2)
+    batch, stats = run.collect_batch()
+    assert (batch.num_groups, stats["groups_surplus"]) == (3, 1)
+    assert mini_batch_groups(batch.num_groups, 2, 1) == [[0, 1], [2]]
+    batch.advantages = group_advantages(batch.grouped(batch.rewards)).flatten()
+    run.trainer.actor.update(batch)
+    assert run.trainer.actor.optimizer_steps == 4
+
+
 def test_surplus_drop_discards_what_the_batch_does_not_need(tokenizer, tiny, tmp_path):
     run, calls = make_run(tokenizer, tiny, tmp_path, [ALL_MAX, MIXED_A, MIXED_B], train_batch_size=1, surplus="drop")
     first, s1 = run.collect_batch()
