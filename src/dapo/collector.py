@@ -16,6 +16,7 @@ the step updates.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import deque
@@ -41,6 +42,10 @@ from dapo.scorer import RewardScorer
 # sampling, waiting for recent enough weights (pacing), loading them, and waiting for requests.
 ASYNC_TIMINGS = ("wait_seconds", "generator_seconds", "generator_weight_wait_seconds", "weight_load_seconds",
                  "generator_idle_seconds")
+# The round sampled ahead aims at this many times the groups a batch needs: a step that must wait for
+# a second round loses the overlap (on arithmetic, a round sized for one batch fell short in ~half
+# the steps), while extra informative groups are trained (surplus 'train') or carried, not wasted.
+AHEAD_MARGIN = 1.5
 RECENT_DECAY = 0.8  # per round: the keep rate drifts as the policy learns, so old rounds count less
 
 
@@ -258,13 +263,16 @@ class BatchCollector:
 
     def _submit_ahead(self, step: int) -> None:
         """After step `step`'s batch is full: one round for each of the next max_staleness steps that
-        has none yet, as many prompts as the recent keep rate says a whole batch needs (the step
-        that receives it counts it)."""
+        has none yet, as many prompts as the recent keep rate says AHEAD_MARGIN batches need (the
+        step that receives it counts it)."""
         c = self.config
         planned = {for_step for *_, for_step in self.ahead}
+        needed = max(c.train_batch_size - len(self.buffer.groups), 1)  # a full buffer still gets a round: no idling
+        size = (refill_size(math.ceil(AHEAD_MARGIN * needed), self.kept_recent, self.seen_recent, c.max_oversample)
+                if c.dynamic_sampling and c.refill == "stream" else self._round_size() or 1)
         for for_step in range(step + 1, min(step + c.max_staleness, c.train_steps) + 1):
             if for_step not in planned:
-                self._submit(*self._draw(self._round_size()), for_step)
+                self._submit(*self._draw(size), for_step)
 
     # --- refill and prompt skipping ---------------------------------------------------------------
     def _round_size(self) -> int:

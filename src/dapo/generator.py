@@ -107,7 +107,7 @@ class AsyncGenerator:
             target=_generator_main, name="dapo-generator", daemon=True,
             args=(config, self.mailbox, self.version, self.lock, self.requests, self.results, pad_id, threads, seed,
                   os.getpid(), list(cores) if cores else None))
-        with _main_module_hidden():
+        with _main_module_hidden(), _sigint_ignored():
             self.process.start()
         self.closed = False
         self.description = ""                              # the run's first lines say how the machine is split
@@ -196,6 +196,23 @@ def _main_module_hidden() -> Iterator[None]:
     finally:
         main.__dict__.pop("__spec__", None)
         main.__dict__.update(saved)
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """The child inherits an ignored SIGINT through exec, so Ctrl-C during its imports (seconds)
+    cannot kill it either; the parent's own handler is back as soon as the child is started."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler not installed from Python, left as it was
+            signal.signal(signal.SIGINT, previous)
 
 
 def _die_with_parent() -> None:

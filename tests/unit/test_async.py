@@ -149,21 +149,26 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
-def test_sigterm_stops_both_sides_and_sigkill_leaves_no_orphan(tiny_dir, tmp_path):
-    """The CLI: SIGTERM ends the run at the step's end with its checkpoint (exit 143) and the
-    generator with it; SIGKILL of the trainer takes the generator down too (PR_SET_PDEATHSIG)."""
+@pytest.mark.slow
+def test_signals_stop_both_sides_and_sigkill_leaves_no_orphan(tiny_dir, tmp_path):
+    """The CLI: Ctrl-C (SIGINT to the whole process group, the generator included) and SIGTERM end
+    the run at the step's end with its checkpoint (exit 130 / 143) and the generator with it;
+    SIGKILL of the trainer takes the generator down too (PR_SET_PDEATHSIG)."""
     argv = [sys.executable, str(TESTS / "toy_run.py"), "train", "--model", str(tiny_dir), *toy_argv(),
             "--max-staleness", "1", "--threads", "2", "--train-steps", "400", "--save-every", "0"]
-    for sig, code in ((signal.SIGTERM, -signal.SIGTERM), (signal.SIGKILL, -signal.SIGKILL)):
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -signal.SIGKILL)):
         out = tmp_path / sig.name
         proc = subprocess.Popen([*argv, "--output-dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, start_new_session=True)
         assert wait_for(lambda: children(proc.pid) and (out / "metrics.jsonl").is_file(), 120), proc.stderr.read()
         kids = children(proc.pid)
-        proc.send_signal(sig)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # what Ctrl-C in a terminal does
+        else:
+            proc.send_signal(sig)
         proc.wait(timeout=120)
-        if sig == signal.SIGTERM:
-            assert proc.returncode in (143, code), proc.stderr.read()
+        assert proc.returncode == code, proc.stderr.read()
+        if sig != signal.SIGKILL:
             assert "Interrupted at step" in proc.stderr.read()
             assert latest_checkpoint(out) is not None
         assert wait_for(lambda: not any(alive(k) for k in kids), 10), [k for k in kids if alive(k)]
