@@ -113,9 +113,9 @@ class DAPOConfig:
                                "still needed.", group="rollout")
     surplus: Literal["train", "carry", "drop"] = _f(
         "train", "Informative groups beyond train_batch_size from the round that filled the batch: 'train' trains "
-        "them in this step (the batch grows; its optimizer steps per train step do not); 'carry' opens the next "
-        "step's batch with them (sampled one policy version before the one trained: stale_correction applies); "
-        "'drop' discards them (verl's DAPO recipe). benchmarks/README.md section 17 measures the three.",
+        "them in this step (the batch grows, its optimizer steps do not); 'carry' opens the next step's batch "
+        "with them (sampled one policy version before the one trained, so stale_correction applies); 'drop' "
+        "discards them (verl's DAPO recipe). benchmarks/README.md section 17 measures the three.",
         group="rollout")
     max_staleness: int = _f(
         0, "How many policy versions rollouts may run ahead of training. 0: lock-step (generate, then train). "

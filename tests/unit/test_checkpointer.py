@@ -81,7 +81,7 @@ def test_state_is_nested_per_part_and_each_part_checks_its_keys(tiny_dir, tmp_pa
     assert set(state) == {"version", "step", "world_size", "rng", "actor", "collector", "engine"}
     assert state["version"] == 3 and state["engine"] == {}
     assert set(state["actor"]) == {"optimizer", "scheduler", "optimizer_steps", "skipped_steps", "bad_steps_in_row"}
-    assert set(state["collector"]) == {"prompts", "buffer", "refill", "samples_generated"}
+    assert set(state["collector"]) == {"prompts", "buffer", "refill", "samples_generated", "ahead"}
     broken = dict(state["collector"])
     del broken["refill"]
     with pytest.raises(CheckpointError, match="collector state lacks refill"):

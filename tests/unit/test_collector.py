@@ -98,7 +98,7 @@ def test_round_keeps_informative_groups_and_counts_the_dropped(tokenizer, tiny, 
 
 
 def test_surplus_groups_are_trained_in_the_step_that_sampled_them(tokenizer, tiny, tmp_path):
-    run, calls = make_run(tokenizer, tiny, tmp_path, [ALL_MAX, MIXED_A, MIXED_B], train_batch_size=1)
+    run, calls = make_run(tokenizer, tiny, tmp_path, [ALL_MAX, MIXED_A, MIXED_B], train_batch_size=1, surplus="train")
     first, s1 = run.collect_batch()
     assert (s1["gen_rounds"], s1["groups_kept"], s1["groups_surplus"], s1["groups_trained"]) == (1, 2, 1, 2)
     assert first.num_groups == 2 and len(run.buffer.groups) == 0
@@ -116,7 +116,7 @@ def test_surplus_groups_join_the_configured_optimizer_steps(tokenizer, tiny, tmp
     from dapo.advantages import group_advantages
 
     run, _ = make_run(tokenizer, tiny, tmp_path, [MIXED_A, MIXED_B, {**MIXED_A, "prompt": "mixed c"}],
-                      train_batch_size=2, mini_batch_size=1, mu=2)
+                      train_batch_size=2, mini_batch_size=1, mu=2, surplus="train")
     batch, stats = run.collect_batch()
     assert (batch.num_groups, stats["groups_surplus"]) == (3, 1)
     assert mini_batch_groups(batch.num_groups, 2, 1) == [[0, 1], [2]]
