@@ -105,6 +105,10 @@ def build(config: DAPOConfig, reporter: Reporter, *, task: Task | None = None, r
     device = pick_device(c.device)
     distributed.init(device)  # under torchrun: the process group (gloo on CPU, NCCL on CUDA)
     world = distributed.world_size()
+    if c.max_staleness and device.type != "cpu":
+        raise ConfigError("max_staleness >= 1 (asynchronous rollouts) runs on CPU only so far: on GPUs the generator "
+                          "needs devices of its own and a weight transport between them (docs/async.md has the "
+                          "design); use max_staleness 0")
     if c.max_staleness and world > 1:
         raise ConfigError("max_staleness >= 1 (asynchronous rollouts) with several ranks is not supported yet: each "
                           "rank would need its own generator fed with the gathered weights (docs/async.md); use "
@@ -141,8 +145,7 @@ def build(config: DAPOConfig, reporter: Reporter, *, task: Task | None = None, r
     collector = BatchCollector(c, engine, scorer, PromptSampler(task.train, seed=c.seed), prompt_ids, tokenizer,
                                [rf.weight for rf in fns], stop_ids, reporter)
     if c.max_staleness:
-        collector.generator = start_generator(c, gen_model, tokenizer.pad_token_id, trainer_threads, generator_threads,
-                                              reporter)
+        collector.generator = start_generator(c, gen_model, tokenizer.pad_token_id, trainer_threads, generator_threads)
     # Several ranks: rank 0 evaluates alone, on its unsharded copy.
     evaluator = (Evaluator(c, engine, tokenizer, task.eval, scorer, stop_ids, template_warning)
                  if task.accuracy is not None and task.eval and distributed.rank() == 0 else None)
@@ -150,8 +153,8 @@ def build(config: DAPOConfig, reporter: Reporter, *, task: Task | None = None, r
                  collector, actor, evaluator)
 
 
-def start_generator(c: DAPOConfig, model: torch.nn.Module, pad_id: int, trainer_threads: int, generator_threads: int,
-                    reporter: Reporter) -> AsyncGenerator:
+def start_generator(c: DAPOConfig, model: torch.nn.Module, pad_id: int, trainer_threads: int,
+                    generator_threads: int) -> AsyncGenerator:
     """The generator process of asynchronous rollouts, with the current weights as version 0. With
     as many threads as cores, each side is pinned to its own cores."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []

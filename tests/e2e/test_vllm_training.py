@@ -75,3 +75,18 @@ def test_eval_cli_closes_the_engine_and_keeps_vllm_logs_off_the_console():
     assert re.search(r"^all\s+\d+\s", run.stdout, re.M), run.stdout  # the results table
     assert not re.search(r"Traceback|Error", run.stderr), run.stderr[-3000:]
     assert not re.search(r"\b(INFO|WARNING)\b", run.stdout), run.stdout
+
+
+def test_vllm_in_the_generator_process_of_asynchronous_rollouts(tmp_path):
+    """max_staleness 1 with --rollout-engine vllm: the generator process builds its own vLLM engine
+    and loads the published weights into it; the second step trains on a round sampled one version
+    back, corrected by the sampler's log-probs."""
+    config = DAPOConfig(rollout_engine="vllm", vllm_kv_cache_gb=1.0, train_steps=3, group_size=8, mu=1,
+                        max_new_tokens=8, lr=5e-4, dynamic_sampling=False, max_staleness=1, threads=2,
+                        eval_before=False, eval_samples=2, save_every=0, verbose=False,
+                        output_dir=str(tmp_path / "run"))
+    result = Trainer(config, reward_fns=[length_reward]).fit()
+    assert result.steps == 3
+    assert [row["staleness_max"] for row in result.metrics] == [0, 1, 1]
+    assert result.metrics[-1]["weight_load_seconds"] > 0  # version 1 reached the generator's vLLM engine
+    assert all(row["stale_kl"] >= 0 and 0 < row["rollout_is_weight"] <= config.rollout_is_cap for row in result.metrics)
