@@ -21,7 +21,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -42,6 +42,15 @@ from dapo.scorer import RewardScorer
 # sampling, waiting for recent enough weights (pacing), loading them, and waiting for requests.
 ASYNC_TIMINGS = ("wait_seconds", "generator_seconds", "generator_weight_wait_seconds", "weight_load_seconds",
                  "generator_idle_seconds")
+
+
+class Pending(NamedTuple):
+    """A round submitted to the generator and not yet received."""
+
+    indices: list[int]   # its prompts
+    skipped: int         # prompts skipped while drawing them
+    ticket: int
+    for_step: int        # the train step it was submitted for (its staleness bound)
 # The round sampled ahead aims at this many times the groups a batch needs: a step that must wait for
 # a second round loses the overlap (on arithmetic, a round sized for one batch fell short in ~half
 # the steps), while extra informative groups are trained (surplus 'train') or carried, not wasted.
@@ -68,10 +77,9 @@ class BatchCollector:
         self.reward_errors = 0  # values scored 0 for an error in the current step (reward_errors="zero")
         self.samples_generated = 0  # responses sampled by this rank over the run (config.max_samples)
         # Asynchronous rollouts (max_staleness >= 1): the generator process, and the rounds submitted
-        # to it and not yet received, oldest first: (prompt indices, prompts skipped drawing them,
-        # ticket, the train step it is for).
+        # to it and not yet received, oldest first.
         self.generator: AsyncGenerator | None = None
-        self.ahead: deque[tuple[list[int], int, int, int]] = deque()
+        self.ahead: deque[Pending] = deque()
 
     @property
     def progress(self) -> Progress:
@@ -164,7 +172,7 @@ class BatchCollector:
         timing = dict.fromkeys(ASYNC_TIMINGS, 0.0)
         # A round submitted for this step is received even when carried groups already fill the batch:
         # waiting longer would take it past the staleness bound its pacing was set for.
-        while not self.buffer.full or (self.ahead and self.ahead[0][-1] <= step):
+        while not self.buffer.full or (self.ahead and self.ahead[0].for_step <= step):
             if c.max_num_gen_batches and stats["gen_rounds"] >= c.max_num_gen_batches and not self.buffer.full:
                 self._exhausted(step, stats, correct, answered, rounds)
             stats["gen_rounds"] += 1
@@ -209,9 +217,9 @@ class BatchCollector:
         if c.surplus == "drop":
             self.buffer.groups = []
         elif c.max_staleness:  # pacing: a group that would be over the bound next step is trained now
-            late = [g for g in self.buffer.groups if self.step + 1 - int(g.version.min()) > c.max_staleness]
-            groups += late
-            self.buffer.groups = [g for g in self.buffer.groups if not any(g is x for x in late)]
+            late = [self.step + 1 - int(g.version.min()) > c.max_staleness for g in self.buffer.groups]
+            groups += [g for g, over in zip(self.buffer.groups, late) if over]
+            self.buffer.groups = [g for g, over in zip(self.buffer.groups, late) if not over]
         batch = TrainBatch.cat(groups)
         if self.generator is not None:  # keep the generator busy while this batch trains
             self._submit_ahead(step)
@@ -246,27 +254,24 @@ class BatchCollector:
         ticket = self.generator.submit([self.prompt_ids[i] for i in indices], c.group_size, self.sampling,
                                        min_version=for_step - 1 - c.max_staleness)
         self.samples_generated += len(indices) * c.group_size
-        self.ahead.append((indices, skipped, ticket, for_step))
+        self.ahead.append(Pending(indices, skipped, ticket, for_step))
 
     def _receive(self, stats: dict[str, float], timing: dict[str, float]) -> TrainBatch:
         """The oldest submitted round, scored; counted in `stats`, its waits added to `timing`."""
         assert self.generator is not None
-        indices, skipped, ticket, _ = self.ahead.popleft()
-        self._count_round(stats, indices, skipped)
-        round_, waited = self.generator.result(ticket)
-        timing["wait_seconds"] += waited
-        timing["generator_seconds"] += round_.gen_seconds
-        timing["generator_weight_wait_seconds"] += round_.weight_wait_seconds
-        timing["weight_load_seconds"] += round_.weight_load_seconds
-        timing["generator_idle_seconds"] += round_.idle_seconds
-        return self._score(indices, round_.samples, round_.version)
+        pending = self.ahead.popleft()
+        self._count_round(stats, pending.indices, pending.skipped)
+        round_, waited = self.generator.result(pending.ticket)
+        for name, seconds in {"wait_seconds": waited, **round_.timings()}.items():
+            timing[name] += seconds
+        return self._score(pending.indices, round_.samples, round_.version)
 
     def _submit_ahead(self, step: int) -> None:
         """After step `step`'s batch is full: one round for each of the next max_staleness steps that
         has none yet, as many prompts as the recent keep rate says AHEAD_MARGIN batches need (the
         step that receives it counts it)."""
         c = self.config
-        planned = {for_step for *_, for_step in self.ahead}
+        planned = {p.for_step for p in self.ahead}
         needed = max(c.train_batch_size - len(self.buffer.groups), 1)  # a full buffer still gets a round: no idling
         size = (refill_size(math.ceil(AHEAD_MARGIN * needed), self.kept_recent, self.seen_recent, c.max_oversample)
                 if c.dynamic_sampling and c.refill == "stream" else self._round_size() or 1)
@@ -377,7 +382,7 @@ class BatchCollector:
         return {"prompts": self.sampler.state_dict(), "buffer": [g.state_dict() for g in self.buffer.groups],
                 "samples_generated": self.samples_generated,
                 # asynchronous rollouts: rounds submitted and not yet received, regenerated on resume
-                "ahead": [{"indices": i, "skipped": k, "for_step": t} for i, k, _, t in self.ahead],
+                "ahead": [{"indices": p.indices, "skipped": p.skipped, "for_step": p.for_step} for p in self.ahead],
                 "refill": {"kept_recent": self.kept_recent, "seen_recent": self.seen_recent,
                            "streak_prompts": list(self.streaks), "streak_lengths": list(self.streaks.values()),
                            "skip_rng": [version, list(internal), gauss]}}

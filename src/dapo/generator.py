@@ -70,6 +70,18 @@ class Round:
     weight_load_seconds: float   # copying newer weights from the mailbox
     idle_seconds: float          # waiting for this request to arrive
 
+    def timings(self) -> dict[str, float]:
+        """The step metrics these seconds add to (collector.ASYNC_TIMINGS, less the trainer's wait)."""
+        return {"generator_seconds": self.gen_seconds, "generator_weight_wait_seconds": self.weight_wait_seconds,
+                "weight_load_seconds": self.weight_load_seconds, "generator_idle_seconds": self.idle_seconds}
+
+
+def copy_weights(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """dst's parameters and buffers := src's, in place (the same architecture)."""
+    with torch.no_grad():
+        for d, s in zip(dst.state_dict().values(), src.state_dict().values()):
+            d.copy_(s)
+
 
 def split_threads(total: int, generator: int) -> tuple[int, int]:
     """(trainer threads, generator threads) out of `total`: the generator takes `generator`, or half
@@ -120,9 +132,8 @@ class AsyncGenerator:
     def publish(self, model: torch.nn.Module, version: int) -> float:
         """Copy `model`'s weights into the mailbox as policy `version`; returns the seconds it took."""
         t0 = time.perf_counter()
-        with torch.no_grad(), self.lock:
-            for dst, src in zip(self.mailbox.state_dict().values(), model.state_dict().values()):
-                dst.copy_(src)
+        with self.lock:
+            copy_weights(self.mailbox, model)
             self.version.value = version
         self.publish_seconds = time.perf_counter() - t0
         return self.publish_seconds
@@ -260,9 +271,8 @@ def _generator_main(config: DAPOConfig, mailbox: torch.nn.Module, version: Any, 
                 time.sleep(0.002)
             t2 = time.perf_counter()
             if version.value != have:
-                with torch.no_grad(), lock:
-                    for dst, src in zip(model.state_dict().values(), mailbox.state_dict().values()):
-                        dst.copy_(src)
+                with lock:
+                    copy_weights(model, mailbox)
                     have = version.value
                 engine.sync_weights(model)
             t3 = time.perf_counter()
