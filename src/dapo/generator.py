@@ -165,7 +165,6 @@ class AsyncGenerator:
         if not self.process.is_alive():
             code = self.process.exitcode
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-            self.closed = True
             raise GeneratorDied(f"the generator process (pid {self.process.pid}) died ({how}); the run stops "
                                 "here, its last checkpoint is intact (dapo train --resume continues it)")
 

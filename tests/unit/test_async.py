@@ -98,6 +98,7 @@ def test_resume_samples_the_in_flight_rounds_again(tiny_dir, tmp_path, monkeypat
 
 
 def test_a_dead_generator_stops_the_run_with_one_line_and_its_last_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    cores = os.sched_getaffinity(0)
     run = toy(tiny_dir, tmp_path, max_staleness=1, train_steps=6)
     calls = []
     real = AsyncGenerator.submit
@@ -116,6 +117,7 @@ def test_a_dead_generator_stops_the_run_with_one_line_and_its_last_checkpoint(ti
     assert "\n" not in str(e.value)
     assert 1 <= run.step < 6
     assert latest_checkpoint(tmp_path).name == f"step-{run.step:06d}"  # every completed step kept
+    assert os.sched_getaffinity(0) == cores  # closing a dead generator still gives the cores back
 
 
 def children(pid: int) -> list[int]:
